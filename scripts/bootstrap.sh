@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs dppo with the extras named in $1 (comma-separated, may be empty).
+# Where no CUDA GPU is present, torch is pinned to the CPU build 2.13.0 *first*, and a constraints file
+# (.venv/constraints.txt) pins whatever torch ended up installed so that later installs never replace it
+# with a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+venv=".venv"
+py="$venv/bin/python"
+stamp="$venv/.installed-${extras//,/_}"
+if [ ! -x "$py" ]; then
+  python3 -m venv "$venv"
+fi
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+pip_q=(-q --disable-pip-version-check)
+if ! "$py" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "$py" -m pip install "${pip_q[@]}" torch
+  else
+    "$py" -m pip install "${pip_q[@]}" "torch==2.13.0"
+  fi
+fi
+tv=$("$py" -c "import torch; print(torch.__version__.split('+')[0])")
+echo "torch==$tv" > "$venv/constraints.txt"
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+"$py" -m pip install "${pip_q[@]}" -c "$venv/constraints.txt" -e "$spec"
+# PyPI's torchvision/torchaudio are CUDA builds that fail to import beside the CPU torch; text-only code needs neither.
+"$py" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+touch "$stamp"

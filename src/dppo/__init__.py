@@ -1,0 +1,8 @@
+"""dppo: divergence-based trust regions for RL fine-tuning of LLMs (DPPO, arXiv 2602.04879) and its baselines."""
+
+from dppo.advantages import group_advantages
+from dppo.loss import aggregate, policy_loss
+from dppo.methods import PRESETS, Method, get_method
+
+__all__ = ["Method", "PRESETS", "get_method", "policy_loss", "aggregate", "group_advantages"]
+__version__ = "0.1.0"
