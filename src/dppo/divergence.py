@@ -14,12 +14,13 @@ Conventions for every function here:
 
 Zero-mass conventions (documented, tested):
   * a cell where μ has mass 0 contributes 0 to KL (0·log 0 = 0);
-  * in KL the π-side mass of a cell is floored at ``MASS_FLOOR`` = 1e-12 (Stable-RL's ``compute_topk_kl`` clamps the
-    same way). A π-mass that rounding drove to 0 (e.g. 1 − π(a_t) when fp32 ``log_softmax`` returns exactly 0 for a
-    confident token) would otherwise give KL = +inf and mask a token that hardly moved. Raising a π-mass can only lower
-    each cell's term μ·log(μ/π), so the floored value is still a lower bound of the exact KL. Consequence: π = 0 gives a
-    large finite KL (μ·log(μ/1e-12)), never inf or NaN;
-  * TV needs no floor: π = 0 gives TV = μ(a_t), exactly.
+  * π = 0 on a listed token (log π = −inf) that μ gives mass gives KL = +inf, the true value (the token lies outside
+    any trust region); TV = μ(a_t) exactly. Never NaN;
+  * a *rest* mass (1 − π(a_t) for Binary-KL, the "other" cell of Top-K), which is obtained by subtraction, has its
+    π side floored at ``MASS_FLOOR`` = 1e-12 in KL (Stable-RL's ``compute_topk_kl`` clamps the same way). Rounding can
+    drive it to 0: fp32 ``log_softmax`` returns exactly 0 for a token of probability > 1 − 6e-8, and listed top-K
+    masses can sum to 1 ± 1e-7. Unfloored, that would give KL = +inf and mask a token that hardly moved. Raising a
+    π-mass only lowers that cell's term μ·log(μ/π), so the estimate stays a lower bound of the exact KL.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def _abs_prob_diff(logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(torch.isneginf(hi), torch.zeros_like(out), out)
 
 
+def _signed_prob_diff(logp: Tensor, logq: Tensor) -> Tensor:
+    """exp(logp) − exp(logq), sign kept, cancellation-free (see :func:`_abs_prob_diff`)."""
+    return torch.where(logp >= logq, 1.0, -1.0) * _abs_prob_diff(logp, logq)
+
+
 def _kl_term(log_mu: Tensor, log_pi: Tensor, floor: bool = True) -> Tensor:
     """One cell's μ·(log μ − log π), with μ = 0 → 0 and (if ``floor``) π floored at MASS_FLOOR (module docstring)."""
     if floor:
@@ -102,7 +108,7 @@ def binary_kl(logp: Tensor, rollout_logp: Tensor) -> Tensor:
     """Binary KL (Eq. 14): μ log(μ/π) + (1−μ) log((1−μ)/(1−π)), evaluated at the sampled token a_t.
 
     The rest masses 1−p come from ``log1mexp(log p)`` so the value stays exact as p → 1 (where 1 − exp(log p)
-    would cancel). π-side masses are floored at MASS_FLOOR (module docstring).
+    would cancel). π's rest mass is floored at MASS_FLOOR; π(a_t) = 0 < μ(a_t) gives +inf (module docstring).
 
     Args:
         logp: [...] log π(a_t|s_t); rollout_logp: [...] log μ(a_t|s_t), same shape.
@@ -110,7 +116,14 @@ def binary_kl(logp: Tensor, rollout_logp: Tensor) -> Tensor:
         [...] float32, ≥ 0.
     """
     lp, lmu = _binary_inputs(logp, rollout_logp)
-    kl = _kl_term(lmu, lp) + _kl_term(log1mexp(lmu), log1mexp(lp))
+    log_rest_mu, log_rest_pi = log1mexp(lmu), log1mexp(lp)
+    # (1−μ)·log((1−μ)/(1−π)) written as (1−μ)·log1p((π−μ)/(1−π)): for π ≈ μ the two logs would cancel to ~1e-9
+    # absolute in fp32, while π − μ is known to full relative precision.
+    rest_pi = torch.exp(log_rest_pi)
+    precise = torch.exp(log_rest_mu) * torch.log1p(_signed_prob_diff(lp, lmu) / rest_pi)
+    rest = torch.where(rest_pi > MASS_FLOOR, precise, _kl_term(log_rest_mu, log_rest_pi))
+    rest = torch.where(torch.isneginf(log_rest_mu), torch.zeros_like(rest), rest)
+    kl = _kl_term(lmu, lp, floor=False) + rest
     return kl.clamp(min=0.0)
 
 
@@ -163,7 +176,8 @@ def topk_kl(
         [...] float32, ≥ 0; binary_kl ≤ topk_kl ≤ exact_kl (App. B, log-sum inequality).
     """
     mu, pi = _topk_cells(logp, rollout_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
-    return _kl_term(mu, pi).sum(dim=-1).clamp(min=0.0)
+    listed = _kl_term(mu[..., :-1], pi[..., :-1], floor=False).sum(dim=-1)
+    return (listed + _kl_term(mu[..., -1], pi[..., -1])).clamp(min=0.0)
 
 
 def _exact(logits: Tensor, rollout_logits: Tensor, kind: str) -> Tensor:
@@ -209,5 +223,6 @@ def exact_kl(logits: Tensor, rollout_logits: Tensor) -> Tensor:
 
     Returns:
         [...] float32, ≥ 0; no floor here (it is the ground truth): +inf where π = 0 < μ for some token.
+    Note: π-mass below fp32's smallest normal (~1e-38) underflows in ``log_softmax`` only for logit gaps > 87.
     """
     return _exact(logits, rollout_logits, "kl")

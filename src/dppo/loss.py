@@ -177,17 +177,19 @@ def policy_loss(
             sampled_in_topk: [B, T] bool. Needed by top-K estimators. Only used for the mask (no gradient flows
             through them).
     Returns:
-        (loss, metrics): a 0-dim float32 tensor to call ``.backward()`` on, and a dict of floats (glossary above).
+        (loss, metrics): a 0-dim float32 tensor (float64 for float64 ``logp``) to call ``.backward()`` on, and a dict of floats (glossary above).
     """
     m = get_method(method)
     _validate(m, logp, rollout_logp, advantages, response_mask, old_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
 
     resp = response_mask.bool()
-    lp = logp.float()
+    # fp32 at least (bf16/fp16 inputs are upcast); float64 inputs stay float64 so gradcheck can verify the paths.
+    dt = torch.promote_types(logp.dtype, torch.float32)
+    lp = logp.to(dt)
     lp_d = lp.detach()
-    lmu = rollout_logp.detach().float()
-    anchor = old_logp.detach().float() if m.anchor == "recompute" else lmu  # type: ignore[union-attr]
-    adv = advantages.detach().float()
+    lmu = rollout_logp.detach().to(dt)
+    anchor = old_logp.detach().to(dt) if m.anchor == "recompute" else lmu  # type: ignore[union-attr]
+    adv = advantages.detach().to(dt)
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(lp)
     topk = None
@@ -203,7 +205,7 @@ def policy_loss(
         # Token trust-region mask (Eq. 12 / PPO), against the method's anchor.
         estimate = _estimate(m.estimator, lp_d, anchor, topk)
         if m.estimator == "none":
-            token_mask = torch.ones_like(lp_d)
+            token_mask = torch.ones_like(lp_d, dtype=torch.float32)
         elif m.estimator == "ratio":
             token_mask = ratio_mask(
                 lp_d, anchor, adv, m.delta_low, m.delta_high,
@@ -218,7 +220,8 @@ def policy_loss(
             seq_keep = sequence_mask(seq_est, resp, m.seq_delta)
         else:
             seq_keep = torch.ones(lp.shape[0], device=lp.device)
-        keep = token_mask * seq_keep[:, None]
+        seq_keep = seq_keep.to(dt)
+        keep = token_mask.to(dt) * seq_keep[:, None]
 
     if m.loss_form == "is":
         # value −Â·M·min(r,C); gradient −Â·M·min(r,C)·∇log π, since exp(lp − sg(lp)) = 1 with gradient ∇lp.
