@@ -9,6 +9,7 @@ USAGE = """usage: dppo COMMAND [options]
 commands:
   train   RL fine-tuning run (default: the bundled task on a tiny model, CPU); `dppo train --help`
   plot    PNG curves of a run directory: `dppo plot RUN_DIR`
+  compare several methods on one task, seeds and budget → report dir: `dppo compare --help`
   demo    the loss library on synthetic tensors, printed as tables
 """
 
@@ -24,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
 
         demo_main()
         return 0
-    if cmd in ("train", "plot", "compare"):
+    if cmd in ("train", "plot"):
         from dppo import cli
 
         return int(getattr(cli, f"{cmd}_main")(rest) or 0)
+    if cmd == "compare":
+        from dppo.compare import main as compare_main
+
+        return int(compare_main(rest) or 0)
     print(f"dppo: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
