@@ -1,0 +1,136 @@
+"""End-to-end half of benchmarks/peer_trl.py: ``dppo train`` vs ``trl.GRPOTrainer`` on the same job.
+
+Matched: the model (dppo's cached SFT warm-up tiny Qwen3 directory, loaded by both), the task (dppo's bundled
+arithmetic, exact-match reward), prompts per step (32), group size (8), generation length (digits + 2 = 5 tokens),
+sampling (T = 1, no top-k/top-p, fp32 rollout on both sides: TRL's HF generate has no bf16 engine), one optimizer
+step per rollout batch, AdamW lr 2e-4 (β 0.9/0.999, wd 0), grad-norm clip 1.0, constant lr, no KL term, advantages
+R − mean(group) without std scaling, and the loss: dppo ``grpo`` (ε 0.2, seq-mean-token-sum-norm) = TRL ``dr_grpo``
+(ε 0.2, ÷ B·max_completion_length) — the gradient-identical pair of the loss-agreement table. Each side runs in its
+own process with one torch thread; peak RSS is that process's ``ru_maxrss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+P, G, LR = 32, 8, 2e-4
+
+
+def _child_dppo(out: str, steps: int, seed: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(1)
+    from dppo.__main__ import main
+
+    t0 = time.perf_counter()
+    rc = main(["train", "--out", out, "--steps", str(steps), "--seed", str(seed), "--method", "grpo",
+               "--prompts_per_step", str(P), "--group_size", str(G), "--minibatches", "1", "--lr", str(LR),
+               "--rollout_dtype", "fp32", "--threads", "1", "--eval_every", "0", "--no-progress", "--no-tensorboard",
+               "--no-plot", "--ckpt_every", "0"])
+    wall = time.perf_counter() - t0
+    recs = [json.loads(l) for l in Path(out, "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps_ = [r for r in recs if "reward" in r]
+    cfg = json.loads(Path(out, "config.json").read_text())
+    return dict(rc=rc, wall_s=wall, step_times=[r["time/step"] for r in steps_], rewards=[r["reward"] for r in steps_],
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, config=cfg)
+
+
+def _child_trl(out: str, steps: int, seed: int, model_dir: str) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(1)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from dppo.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask()
+    rows = [dict(prompt=e.prompt, answer=e.answer) for s in range(steps) for e in task.train_examples(s, P, seed)]
+    ds = Dataset.from_list(rows)
+
+    def reward(completions, answer, **_):
+        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = GRPOConfig(
+        output_dir=out, use_cpu=True, seed=seed, per_device_train_batch_size=P * G, num_generations=G,
+        max_completion_length=task.max_new_tokens_hint, max_steps=steps, learning_rate=LR,
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", beta=0.0,
+        loss_type="dr_grpo", epsilon=0.2, scale_rewards="none", temperature=1.0, top_k=0, top_p=1.0,
+        logging_steps=1, report_to=[], save_strategy="no", bf16=False, disable_dropout=True,
+    )
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[Timer()])
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return dict(rc=0, wall_s=wall, step_times=times, rewards=rewards,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "") -> dict:
+    code = (f"import json,sys; sys.path.insert(0,{str(ROOT / 'src')!r}); sys.path.insert(0,{str(ROOT / 'benchmarks')!r});"
+            f"import peer_trl_e2e as m; r=m._child_{kind}({out!r},{steps},{seed}"
+            + (f",{model_dir!r}" if kind == "trl" else "") + "); print('RESULT'+json.dumps(r))")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
+    if p.returncode or not line:
+        raise RuntimeError(f"{kind} run failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return json.loads(line[-1][6:])
+
+
+def run_e2e(steps: int = 20, seed: int = 0) -> dict:
+    tmp = tempfile.mkdtemp(prefix="peer_e2e_")
+    d = _spawn("dppo", os.path.join(tmp, "dppo"), steps, seed)
+    model_dir = d["config"].get("model") or ""
+    if not model_dir:  # the warm-up directory the run used
+        from dppo.config import TrainConfig
+        from dppo.warmup import warm_start
+
+        model_dir = warm_start(TrainConfig(seed=seed), log=lambda *a: None)
+    t = _spawn("trl", os.path.join(tmp, "trl"), steps, seed, model_dir)
+    k = max(1, steps // 4)
+
+    def med(x):  # median step time, first step (warm-up of lazy init) excluded
+        return statistics.median(x[1:] if len(x) > 1 else x)
+
+    res = dict(
+        steps=steps, seed=seed, prompts_per_step=P, group_size=G, lr=LR, model_dir=model_dir,
+        dppo=dict(median_step_s=med(d["step_times"]), wall_s=d["wall_s"], peak_rss_mb=d["peak_rss_mb"],
+                  reward_first=d["rewards"][:k], reward_last_mean=statistics.mean(d["rewards"][-k:]),
+                  rewards=d["rewards"]),
+        trl=dict(median_step_s=med(t["step_times"]), wall_s=t["wall_s"], peak_rss_mb=t["peak_rss_mb"],
+                 reward_first=t["rewards"][:k], reward_last_mean=statistics.mean(t["rewards"][-k:]),
+                 rewards=t["rewards"]),
+        command=f"python benchmarks/peer_trl.py --part e2e --steps {steps} --seed {seed}",
+    )
+    res["ratio_step_time_dppo_over_trl"] = res["dppo"]["median_step_s"] / res["trl"]["median_step_s"]
+    res["ratio_peak_rss_dppo_over_trl"] = res["dppo"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"]
+    res["note"] = (f"reward_last_mean = mean training reward over the last {k} steps. wall_s includes model loading "
+                   "and (dppo) the cached warm-up lookup; median_step_s excludes the first step.")
+    return res

@@ -1,0 +1,75 @@
+"""dppo compare: method specs, report generation on tiny fake metrics, and the resumable/parallel orchestration."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from dppo import compare
+
+
+def _fake(root, label, seed, rewards, mismatch=0.003):
+    d = root / "runs" / label / f"seed{seed}"
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as f:
+        for i, r in enumerate(rewards):
+            f.write(json.dumps(dict(step=i, reward=r, mismatch_abs_mean=mismatch * (1 + i), masked_frac=0.01,
+                                    heldout_acc=r)) + "\n")
+        f.write('{"step": 99, "rew')  # a line cut by a kill is ignored
+
+
+def test_parse_method_spec():
+    assert compare.parse_method_spec("grpo") == ("grpo", {})
+    assert compare.parse_method_spec("cispo@ratio_cap=3") == ("cispo", {"ratio_cap": 3})
+    name, over = compare.parse_method_spec("dppo-binary-tv@delta_low=0.2,delta_high=inf")
+    assert name == "dppo-binary-tv" and over["delta_low"] == 0.2 and math.isinf(over["delta_high"])
+    with pytest.raises(ValueError, match="unknown method"):
+        compare.parse_method_spec("nope")
+    with pytest.raises(TypeError):
+        compare.parse_method_spec("grpo@no_such_field=1")
+
+
+def test_report_from_fake_metrics(tmp_path):
+    _fake(tmp_path, "stable", 0, [0.2, 0.5, 0.8, 0.9, 0.95])
+    _fake(tmp_path, "stable", 1, [0.3, 0.6, 0.7, 0.9, 1.0])
+    _fake(tmp_path, "collapses", 0, [0.3, 0.6, 0.8, 0.1, 0.0])
+    runs = compare.load_runs(tmp_path)
+    assert set(runs) == {"stable", "collapses"} and len(runs["stable"][0]) == 5
+    s = compare.write_report(tmp_path, runs, title="fake", command="dppo compare ...", wall_s=12.0,
+                             target=("heldout_acc", 0.9))
+    assert s["collapses"]["collapsed_seeds"] == 1 and s["stable"]["collapsed_seeds"] == 0
+    assert s["stable"]["target"]["steps"] == [3, 3] and s["collapses"]["target"]["reached"] == 0
+    assert s["stable"]["final_reward"][0] == pytest.approx((0.95 + 1.0) / 2)
+    md = (tmp_path / "report.md").read_text()
+    assert "| `stable` | 2 |" in md and "never (0/1)" in md and "curves.png" in md
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["wall_s"] == 12.0
+
+
+def test_orchestration_resumes_and_passes_args(tmp_path):
+    # a stand-in runner: writes 3 metric lines (+ the extra args it got) and exits 0
+    script = tmp_path / "runner.py"
+    script.write_text(
+        "import json, sys, pathlib\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+        "out.mkdir(parents=True, exist_ok=True)\n"
+        "with open(out / 'metrics.jsonl', 'a') as f:\n"
+        "    for i in range(3): f.write(json.dumps({'step': i, 'reward': 0.1 * i, 'argv': sys.argv[1:]}) + '\\n')\n"
+    )
+    out = tmp_path / "cmp"
+    cmd = f"{{python}} {script} --method {{method}} --over {{overrides}} --seed {{seed}} --out {{run_dir}}"
+    argv = ["--methods", "grpo,pg-is", "cispo@ratio_cap=3", "--seeds", "0,1", "--out", str(out), "--jobs", "2",
+            "--cmd", cmd, "--", "--steps", "3"]
+    assert compare.main(argv) == 0
+    runs = compare.load_runs(out)
+    assert set(runs) == {"grpo", "pg-is", "cispo@ratio_cap=3"} and all(len(v) == 2 for v in runs.values())
+    got = runs["cispo@ratio_cap=3"][1][0]["argv"]
+    assert got[got.index("--method") + 1] == "cispo" and json.loads(got[got.index("--over") + 1]) == {"ratio_cap": 3}
+    assert got[-2:] == ["--steps", "3"]
+    assert (out / "report.md").exists()
+    # second call: every run has done.json, so nothing is re-run (metrics not appended twice)
+    assert compare.main(argv) == 0
+    assert len(compare.load_runs(out)["grpo"][0]) == 3
