@@ -1,0 +1,178 @@
+"""Models and tokenizers: a tiny transformers causal LM built from a config (no downloads), loading any local
+causal LM, and the training forward that turns (prompt, response) token ids into per-token log π_θ(a_t) and entropy.
+
+The tiny model is a real ``transformers`` Qwen3 (or Llama) with a real ``PreTrainedTokenizerFast``: the default job
+runs through exactly the code a local Qwen2.5-Math-1.5B takes (``from_pretrained`` a directory, ``decode``,
+``forward`` with an attention mask and position ids); only the sizes differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "build_char_tokenizer", "build_tiny_model", "load_model", "ResponseStats", "response_stats",
+    "position_ids_from_mask", "DTYPES",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+def build_char_tokenizer(alphabet: str):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character of ``alphabet`` plus
+    <pad>=0, <bos>=1, <eos>=2, <unk>=3; encoding prepends <bos>. Built from a ``tokenizers`` WordLevel model, so ``save_pretrained`` /
+    ``AutoTokenizer.from_pretrained`` / ``decode`` behave as for any hub tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(alphabet))
+    vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character is a token
+    tk.decoder = decoders.Fuse()  # join characters back without separators
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_tiny_model(
+    vocab_size: int,
+    *,
+    arch: str = "qwen3",
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_positions: int = 128,
+    pad_token_id: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+):
+    """A randomly initialised transformers causal LM of the given architecture ("qwen3", "qwen2", "llama"),
+    built from a config (no weights downloaded); tied input/output embeddings, MLP width 4·H."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        arch, hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+        vocab_size=vocab_size, tie_word_embeddings=True, max_position_embeddings=max_positions,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+    )
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
+    """``(model, tokenizer)`` from a local directory holding any transformers causal LM and its tokenizer.
+    Never touches the network (``local_files_only``). The tokenizer is set to left padding (prompts are
+    right-aligned so every response starts at the same column) and gets a pad token if it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r} is not a directory; pass a local directory with config.json")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype])
+    model.to(device)
+    model.config.use_cache = False
+    return model, tok
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding: the first real token is position 0 (what HF ``generate`` does too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_kwargs(model) -> str:
+    """Name of the KV-cache keyword of ``model.forward`` (transformers ≥ 5.2x renamed past_key_values → cache)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class ResponseStats:
+    """Per response token, from one forward pass of the policy. Shapes [N, T] (``gathered_logp`` [N, T, K])."""
+
+    logp: Tensor  # log π_θ(a_t | s_t) at temperature τ, fp32, differentiable
+    entropy: Tensor | None  # H(π_θ(·|s_t)), fp32 (no grad kept unless asked)
+    gathered_logp: Tensor | None  # log π_θ at the rollout's top-K ids, fp32
+
+
+def _decoder_and_head(model):
+    """(decoder body returning final normed hidden states, lm-head Linear) or None when the model does anything to
+    its logits beyond ``h·Wᵀ + b`` that we cannot see (then the logits path is used)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    cfg = getattr(model, "config", None)
+    if head is None or body is None or not isinstance(head, torch.nn.Linear):
+        return None
+    # Gemma-2-style soft-capping / Cohere-style scaling change the logits after the head: use the logits path.
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1.0):
+            return None
+    return body, head
+
+
+def response_stats(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_ids: Tensor,
+    *,
+    temperature: float,
+    gather_ids: Tensor | None = None,
+    entropy: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> ResponseStats:
+    """log π_θ(a_t), entropy and (optionally) log π_θ at ``gather_ids`` for the last T tokens of each row.
+
+    ``input_ids`` = [left-padded prompt (P) | response (T), right-padded]; the logits predicting response token t sit
+    at position P+t−1. The per-token statistics come from :func:`dppo.token_stats.token_stats` on the final hidden
+    states and the lm-head weight (no [N, T, V] fp32 logits materialised; log-sum-exp in fp32), or from the logits
+    when the model post-processes them.
+
+    Args:
+        input_ids, attention_mask: [N, P+T].
+        response_ids: [N, T] the sampled tokens (pads anywhere the response mask is 0 are harmless).
+        temperature: τ; statistics are those of softmax(z/τ), the distribution the rollout sampled from.
+        gather_ids: [N, T, K] rollout top-K ids (Top-K methods) or None.
+    """
+    from dppo.token_stats import token_stats, token_stats_from_logits
+
+    t = response_ids.shape[1]
+    pos = position_ids_from_mask(attention_mask)
+    ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
+    parts = _decoder_and_head(model)
+    with ctx:
+        if parts is not None:
+            body, head = parts
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+            hidden = hidden[:, -t - 1 : -1]
+            w = head.weight
+            b = head.bias
+            if hidden.dtype != w.dtype:  # autocast leaves the final norm in fp32; run the head GEMM in the weight dtype
+                hidden = hidden.to(w.dtype)
+            st = token_stats(hidden, w, response_ids, bias=b, temperature=temperature, gather_ids=gather_ids,
+                             entropy=entropy)
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits
+            st = token_stats_from_logits(logits[:, -t - 1 : -1], response_ids, temperature=temperature,
+                                         gather_ids=gather_ids, entropy=entropy)
+    return ResponseStats(logp=st.logp, entropy=st.entropy, gathered_logp=st.gathered_logp)
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

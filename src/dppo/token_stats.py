@@ -1,0 +1,505 @@
+"""Per-token softmax statistics at vocabulary scale, computed from hidden states without materialising the logits.
+
+Every loss in dppo needs, per response token t with final hidden state h_t and lm-head weight W (bias b):
+
+    z_t      = (h_t · Wᵀ + b) / τ                          logits at temperature τ          [V]
+    lse_t    = log Σ_v exp z_t[v]                          computed in fp32 (fp64 for fp64 inputs)
+    logp_t   = z_t[a_t] − lse_t                            log π(a_t | s_t)                  (differentiable)
+    H_t      = −Σ_v p_t[v] log p_t[v],  p_t = softmax(z_t)  entropy                           (differentiable)
+    topk_t   = the K largest (v, z_t[v] − lse_t)            rollout side of Top-K DPPO        (no gradient)
+    gath_t   = z_t[g_t,j] − lse_t  at caller-given ids g_t  trainer side of Top-K DPPO        (differentiable)
+
+Doing this with a materialised [N, V] logit tensor and a full fp32 ``log_softmax`` costs several N·V·4 bytes
+(at V = 151,936 and N = 16k, ~10 GB per copy). Here the forward pass walks over *token* tiles of ``chunk_size`` rows
+([chunk, V] logits at a time) and keeps only O(N) results (lse, entropy, the outputs); the backward pass recomputes
+the logits in *vocabulary* tiles of the same number of elements ([N, V_tile], V_tile = chunk·V/N) from the saved
+lse, so no O(N·V) tensor exists in either direction. Tiling the backward over the vocabulary makes each slice of
+∂W = ∂zᵀ·h a single GEMM over all N tokens, written once: no cross-tile accumulation of a [V, H] gradient (which
+would cost a [V, H] pass per tile and, for bf16 weights, a bf16 rounding per tile).
+
+The price is one extra GEMM (the recompute) over the naive path's three; docs/benchmarks.md measures what that
+costs against the memory traffic the naive path spends on its [N, V] fp32 copies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["TokenStats", "token_stats", "token_stats_from_logits", "DEFAULT_TILE_BYTES", "default_chunk_size"]
+
+# Size of one logits tile (fp32 bytes). Measured on the 2-core CPU of docs/benchmarks.md at H = 1536, V = 151,936:
+# 64 MB tiles (~110 tokens) lose GEMM efficiency, 128–512 MB run within a few per cent of each other, so 128 MB
+# (220 tokens at V = 151,936) is the lean end of the flat region. See benchmarks/token_stats.py --tune.
+DEFAULT_TILE_BYTES = 128 * 2**20
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics; leading dims ``[...]`` are those of ``target_ids``. Float outputs are fp32 (fp64 for
+    fp64 inputs). A field is ``None`` when not requested (``topk=0``, ``gather_ids=None``, ``entropy=False``)."""
+
+    logp: Tensor  # [...]      log π(target)                       differentiable
+    entropy: Tensor | None  # [...]      −Σ p log p                          differentiable
+    topk_ids: Tensor | None  # [..., K]   int64, largest first             no gradient
+    topk_logp: Tensor | None  # [..., K]   log π at topk_ids              no gradient
+    gathered_logp: Tensor | None  # [..., K'] log π at gather_ids          differentiable
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Tokens per forward tile so that one tile of accumulation-dtype logits is ~DEFAULT_TILE_BYTES."""
+    elem = 8 if dtype == torch.float64 else 4
+    return max(1, DEFAULT_TILE_BYTES // (elem * max(1, vocab_size)))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp64 stays fp64 (gradcheck); everything else (fp32, bf16, fp16) accumulates the log-sum-exp in fp32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tile kernels shared by the hidden-state and the logits entry points.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _linear_out(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """out = x·wᵀ (+ b), written into a preallocated buffer (a fresh [c, V] tensor per tile costs page faults)."""
+    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
+
+
+class _Workspace:
+    """Tile buffers allocated once per call and reused by every tile.
+
+    Freshly allocated multi-MB tensors are returned to the OS on free and page-faulted in again on next use; on the
+    measured CPU that made an out-of-place ``exp`` over a tile 3.5× slower than into a warm buffer.
+    """
+
+    def __init__(self, numel: int, acc: torch.dtype, low: torch.dtype, device: torch.device, extra: int):
+        self.acc = torch.empty(numel, dtype=acc, device=device)
+        self.low = torch.empty(numel, dtype=low, device=device) if low != acc else None
+        self.extra = torch.empty(numel, dtype=acc, device=device) if extra else None
+
+    def logits(self, x: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
+        """Temperature-scaled logits of one tile in the accumulation dtype (GEMM in the input dtype, then upcast)."""
+        shape = (x.shape[0], w.shape[0])
+        z = self.acc[: shape[0] * shape[1]].view(shape)
+        if self.low is None:
+            _linear_out(x, w, b, z)
+        else:
+            z.copy_(_linear_out(x, w, b, self.low[: z.numel()].view(shape)))
+        if temperature != 1.0:
+            z.div_(temperature)  # the forward and the backward recompute use the same op: p matches lse bit for bit
+        return z
+
+    def scratch(self, like: Tensor) -> Tensor:
+        return self.extra[: like.numel()].view(like.shape)  # type: ignore[index]
+
+    def to_low(self, dz: Tensor) -> Tensor:
+        """dz cast to the GEMM dtype (into the buffer the tile's low-precision logits used)."""
+        return dz if self.low is None else self.low[: dz.numel()].view(dz.shape).copy_(dz)
+
+
+def _tile_stats(
+    y: Tensor,
+    e_buf: Tensor,
+    tgt: Tensor,
+    gids: Tensor | None,
+    topk: int,
+    want_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Statistics of one [c, V] tile of temperature-scaled logits, given in ``y`` (accumulation dtype, overwritten).
+
+    Works relative to the row max m: y ← z − m, s = Σ exp y, lse = m + log s, and every log-prob is y[v] − log s.
+    Shifting first keeps the entropy H = log s − Σ exp(y)·y / s free of the cancellation that lse − Σ p·z suffers
+    when |z| is large. ``e_buf`` is a [c, V] scratch buffer. Returns (lse, logp, entropy, topk_ids, topk_logp,
+    gathered), each [c] or [c, K].
+    """
+    m = y.amax(dim=-1, keepdim=True)
+    y.sub_(m)
+    e = torch.exp(y, out=e_buf)
+    s = e.sum(dim=-1)
+    log_s = s.log()
+    lse = m.squeeze(-1) + log_s
+    logp = y.gather(-1, tgt[:, None]).squeeze(-1) - log_s
+    # Σ exp(y)·y in place in e (e is not needed after s): one pass fewer than vecdot's temporary.
+    ent = log_s - e.mul_(y).sum(dim=-1) / s if want_entropy else None
+    topk_ids = topk_logp = None
+    if topk:
+        vals, topk_ids = y.topk(topk, dim=-1)
+        topk_logp = vals - log_s[:, None]
+    gathered = y.gather(-1, gids) - log_s[:, None] if gids is not None else None
+    return lse, logp, ent, topk_ids, topk_logp, gathered
+
+
+def _tile_grad(
+    z: Tensor, lse: Tensor, ent: Tensor | None, neg_a: Tensor, g_ent: Tensor | None, p_buf: Tensor | None
+) -> Tensor:
+    """Dense part of ∂loss/∂z for one tile, in place in ``z`` (temperature-scaled logits, accumulation dtype).
+
+    With log p = z − lse and per-row upstream gradients (already multiplied by 1/τ):
+      ∂logp[a]/∂z = e_a − p,   ∂gath[g]/∂z = e_g − p,   ∂H/∂z = −p ⊙ (log p + H),
+    so ∂z = sparse one-hots − p ⊙ (a + g_H·(log p + H)) with a = g_logp + Σ_j g_gath[j] (rows). The one-hot part is
+    added by the caller. ``neg_a`` is −a, [rows, 1]; ``g_ent`` and ``ent`` are [rows, 1] or None; ``p_buf`` is a
+    scratch tile, needed only with ``g_ent``.
+    """
+    logp = z.sub_(lse)
+    if g_ent is None:
+        return logp.exp_().mul_(neg_a)
+    p = torch.exp(logp, out=p_buf)
+    # −p·(a + g_H·(log p + H)) = p·(−a − g_H·(log p + H)), built in the z buffer.
+    return logp.add_(ent).mul_(-g_ent).add_(neg_a).mul_(p)
+
+
+def _upstream(
+    g_logp: Tensor | None, g_gath: Tensor | None, g_ent: Tensor | None, tgt: Tensor, gids: Tensor | None,
+    n: int, acc: torch.dtype, inv_t: float,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """Per-row −a (scaled by 1/τ), g_H (scaled) and the sparse one-hot entries (rows, ids, values) sorted by id."""
+    device = tgt.device
+    a = torch.zeros(n, dtype=acc, device=device)
+    rows, ids, vals = [], [], []
+    if g_logp is not None:
+        g = g_logp.to(acc)
+        a += g
+        rows.append(torch.arange(n, device=device))
+        ids.append(tgt)
+        vals.append(g)
+    if g_gath is not None and gids is not None and gids.shape[-1] > 0:
+        g = g_gath.to(acc)
+        a += g.sum(-1)
+        rows.append(torch.arange(n, device=device).repeat_interleave(gids.shape[-1]))
+        ids.append(gids.reshape(-1))
+        vals.append(g.reshape(-1))
+    neg_a = (a * -inv_t)[:, None]
+    g_ent_s = (g_ent.to(acc) * inv_t)[:, None] if g_ent is not None else None
+    if ids:
+        rows_t, ids_t, vals_t = torch.cat(rows), torch.cat(ids), torch.cat(vals) * inv_t
+        order = ids_t.argsort()
+        rows_t, ids_t, vals_t = rows_t[order], ids_t[order], vals_t[order]
+    else:
+        rows_t = ids_t = torch.zeros(0, dtype=torch.long, device=device)
+        vals_t = torch.zeros(0, dtype=acc, device=device)
+    return neg_a, g_ent_s, rows_t, ids_t, vals_t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From hidden states.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _HiddenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tgt, gids, temperature, topk, want_entropy, chunk):
+        n, v = hidden.shape[0], weight.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        kw = dict(dtype=acc, device=hidden.device)
+        lse, logp = torch.empty(n, **kw), torch.empty(n, **kw)
+        ent = torch.empty(n if want_entropy else 0, **kw)
+        topk_ids = torch.empty(n, topk, dtype=torch.long, device=hidden.device)
+        topk_logp = torch.empty(n, topk, **kw)
+        kg = gids.shape[-1] if gids is not None else 0
+        gath = torch.empty(n, kg, **kw)
+        chunk = -(-n // -(-n // chunk)) if n else chunk  # same tile count, sizes balanced (no 3-token last tile)
+        ws = _Workspace(min(chunk, n) * v, acc, hidden.dtype, hidden.device, extra=1)
+        for s0 in range(0, n, chunk):
+            s1 = min(n, s0 + chunk)
+            z = ws.logits(hidden[s0:s1], weight, bias, temperature)
+            out = _tile_stats(
+                z, ws.scratch(z), tgt[s0:s1], gids[s0:s1] if gids is not None else None, topk, want_entropy
+            )
+            lse[s0:s1], logp[s0:s1] = out[0], out[1]
+            if want_entropy:
+                ent[s0:s1] = out[2]
+            if topk:
+                topk_ids[s0:s1], topk_logp[s0:s1] = out[3], out[4]
+            if kg:
+                gath[s0:s1] = out[5]
+        del ws
+        ctx.save_for_backward(hidden, weight, bias, tgt, gids, lse, ent)
+        ctx.temperature, ctx.chunk, ctx.want_entropy = temperature, chunk, want_entropy
+        ctx.mark_non_differentiable(topk_ids, topk_logp)
+        ctx.set_materialize_grads(False)
+        return logp, ent, topk_ids, topk_logp, gath
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_ids, _g_topk, g_gath):
+        hidden, weight, bias, tgt, gids, lse, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if not ctx.want_entropy:
+            g_ent = None
+        if not (need_h or need_w or need_b) or (g_logp is None and g_ent is None and g_gath is None):
+            return (None,) * 9
+        n, v = hidden.shape[0], weight.shape[0]
+        acc = lse.dtype
+        neg_a, g_ent_s, rows, ids, vals = _upstream(g_logp, g_gath, g_ent, tgt, gids, n, acc, 1.0 / ctx.temperature)
+        # Vocabulary tiles holding as many elements as a forward tile: [n, vt] with n·vt ≈ chunk·V.
+        vt = max(1, min(v, (ctx.chunk * v) // max(1, n)))
+        ws = _Workspace(n * vt, acc, hidden.dtype, hidden.device, extra=g_ent_s is not None)
+        low = hidden.dtype != acc
+        grad_h = torch.zeros(n, hidden.shape[1], dtype=acc, device=hidden.device) if need_h else None
+        gh_buf = torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if need_h and low else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        ent_c = ent[:, None] if g_ent_s is not None else None
+        lse_c = lse[:, None]
+        edges = torch.arange(0, v + vt, vt, device=ids.device).clamp_(max=v)
+        bounds = torch.searchsorted(ids, edges).tolist()  # sparse entries of each vocabulary tile (ids sorted)
+        for i, v0 in enumerate(range(0, v, vt)):
+            v1 = min(v, v0 + vt)
+            w = weight[v0:v1]
+            z = ws.logits(hidden, w, bias[v0:v1] if bias is not None else None, ctx.temperature)
+            dz = _tile_grad(z, lse_c, ent_c, neg_a, g_ent_s, ws.scratch(z) if g_ent_s is not None else None)
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                dz.index_put_((rows[lo:hi], ids[lo:hi] - v0), vals[lo:hi], accumulate=True)
+            if need_b:
+                grad_b[v0:v1] = dz.sum(0)
+            dz = ws.to_low(dz)
+            if need_w:
+                torch.mm(dz.t(), hidden, out=grad_w[v0:v1])  # one GEMM over all n tokens: no [V, H] accumulation
+            if need_h:
+                if not low:
+                    grad_h.addmm_(dz, w)
+                else:  # bf16/fp16 GEMM; partial sums over vocabulary tiles accumulated in fp32
+                    grad_h += torch.mm(dz, w, out=gh_buf)
+        del ws
+        if grad_h is not None:
+            grad_h = grad_h.to(hidden.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From logits.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _LogitStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tgt, gids, temperature, topk, want_entropy, chunk):
+        n, v = logits.shape
+        acc = _acc_dtype(logits.dtype)
+        kw = dict(dtype=acc, device=logits.device)
+        lse, logp = torch.empty(n, **kw), torch.empty(n, **kw)
+        ent = torch.empty(n if want_entropy else 0, **kw)
+        topk_ids = torch.empty(n, topk, dtype=torch.long, device=logits.device)
+        topk_logp = torch.empty(n, topk, **kw)
+        kg = gids.shape[-1] if gids is not None else 0
+        gath = torch.empty(n, kg, **kw)
+        ws = _Workspace(min(chunk, n) * v, acc, acc, logits.device, extra=1)
+        for s0 in range(0, n, chunk):
+            s1 = min(n, s0 + chunk)
+            z = ws.acc[: (s1 - s0) * v].view(s1 - s0, v).copy_(logits[s0:s1])  # never modify the caller's logits
+            if temperature != 1.0:
+                z.div_(temperature)
+            out = _tile_stats(
+                z, ws.scratch(z), tgt[s0:s1], gids[s0:s1] if gids is not None else None, topk, want_entropy
+            )
+            lse[s0:s1], logp[s0:s1] = out[0], out[1]
+            if want_entropy:
+                ent[s0:s1] = out[2]
+            if topk:
+                topk_ids[s0:s1], topk_logp[s0:s1] = out[3], out[4]
+            if kg:
+                gath[s0:s1] = out[5]
+        del ws
+        ctx.save_for_backward(logits, tgt, gids, lse, ent)
+        ctx.temperature, ctx.chunk, ctx.want_entropy = temperature, chunk, want_entropy
+        ctx.mark_non_differentiable(topk_ids, topk_logp)
+        ctx.set_materialize_grads(False)
+        return logp, ent, topk_ids, topk_logp, gath
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_ids, _g_topk, g_gath):
+        logits, tgt, gids, lse, ent = ctx.saved_tensors
+        if not ctx.want_entropy:
+            g_ent = None
+        if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None and g_gath is None):
+            return (None,) * 7
+        n, v = logits.shape
+        acc = lse.dtype
+        neg_a, g_ent_s, rows, ids, vals = _upstream(g_logp, g_gath, g_ent, tgt, gids, n, acc, 1.0 / ctx.temperature)
+        # Sparse entries sorted by row for token tiles (the [N, V] gradient itself is unavoidable: it is the input's).
+        order = rows.argsort(stable=True)
+        rows, ids, vals = rows[order], ids[order], vals[order]
+        bounds = torch.searchsorted(rows, torch.arange(0, n + ctx.chunk, ctx.chunk, device=rows.device)).tolist()
+        ws = _Workspace(min(ctx.chunk, n) * v, acc, acc, logits.device, extra=g_ent_s is not None)
+        grad = torch.empty_like(logits)
+        for i, s0 in enumerate(range(0, n, ctx.chunk)):
+            s1 = min(n, s0 + ctx.chunk)
+            z = ws.acc[: (s1 - s0) * v].view(s1 - s0, v).copy_(logits[s0:s1])
+            if ctx.temperature != 1.0:
+                z.div_(ctx.temperature)
+            dz = _tile_grad(
+                z, lse[s0:s1, None], ent[s0:s1, None] if g_ent_s is not None else None, neg_a[s0:s1],
+                g_ent_s[s0:s1] if g_ent_s is not None else None, ws.scratch(z) if g_ent_s is not None else None,
+            )
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                dz.index_put_((rows[lo:hi] - s0, ids[lo:hi]), vals[lo:hi], accumulate=True)
+            grad[s0:s1] = dz
+        return grad, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_ids(name: str, ids: object, shape: tuple[int, ...], v: int, device: torch.device) -> Tensor:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {ids.dtype}")
+    if tuple(ids.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}; expected {shape}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the hidden states/logits are on {device}")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= v:
+            raise ValueError(f"{name} holds ids outside [0, {v}) (vocabulary size {v}): min {lo}, max {hi}")
+    return ids.long()
+
+
+def _check_common(temperature: object, topk: object, chunk_size: object, v: int) -> tuple[float, int]:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    if topk < 0 or topk > v:
+        raise ValueError(f"topk must be in [0, V={v}] (the vocabulary size), got {topk}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return float(temperature), topk
+
+
+def _float(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def _pack(out: tuple[Tensor, ...], lead: tuple[int, ...], topk: int, want_entropy: bool, gather: bool) -> TokenStats:
+    logp, ent, topk_ids, topk_logp, gath = out
+    return TokenStats(
+        logp=logp.reshape(lead),
+        entropy=ent.reshape(lead) if want_entropy else None,
+        topk_ids=topk_ids.reshape(*lead, topk) if topk else None,
+        topk_logp=topk_logp.reshape(*lead, topk) if topk else None,
+        gathered_logp=gath.reshape(*lead, gath.shape[-1]) if gather else None,
+    )
+
+
+def token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    topk: int = 0,
+    gather_ids: Tensor | None = None,
+    chunk_size: int | None = None,
+    entropy: bool = True,
+) -> TokenStats:
+    """Log-prob of ``target_ids``, entropy, top-K and log-probs at ``gather_ids`` of softmax((h·Wᵀ + b)/τ), tiled.
+
+    Args:
+        hidden: [..., H] final hidden states (after the model's final norm), fp32/bf16/fp16/fp64.
+        weight: [V, H] lm-head weight, same dtype and device as ``hidden`` (a tied embedding matrix works as is).
+        target_ids: [...] int token ids in [0, V): the sampled tokens a_t.
+        bias: optional [V] lm-head bias.
+        temperature: τ > 0; logits are divided by τ before the softmax, as at rollout time (trl#4159).
+        topk: K ≥ 0 (≤ V); return the K most probable ids and their log-probs (no gradient; the rollout side).
+        gather_ids: optional [..., K'] int ids in [0, V); return log π at them (differentiable; the trainer side of
+            Top-K DPPO, fed with the rollout's top-K ids).
+        chunk_size: tokens per forward tile; default ``default_chunk_size(V)`` = DEFAULT_TILE_BYTES (128 MB) of fp32
+            logits, i.e. 220 tokens at V = 151,936. The backward uses vocabulary tiles of the same element count.
+        entropy: compute the entropy (one extra pass over each tile); ``False`` leaves ``entropy=None``.
+
+    Returns:
+        TokenStats with ``logp`` [...], ``entropy`` [...], ``topk_ids`` [..., K] int64, ``topk_logp`` [..., K],
+        ``gathered_logp`` [..., K'], floats in fp32 (fp64 for fp64 inputs) whatever the input dtype.
+        ``logp``, ``entropy`` and ``gathered_logp`` are differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+
+    Memory: O(chunk_size·V) extra in forward and backward plus O(N·(K + K')) outputs; never O(N·V). The backward
+    recomputes the logits (one extra GEMM). Logits must be finite (a −inf bias entry makes the entropy NaN).
+    Works on any device; GEMMs run in the input dtype, everything after them in fp32.
+    """
+    hidden = _float("hidden", hidden)
+    weight = _float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden has hidden size H={hidden.shape[-1] if hidden.dim() else None} (shape {tuple(hidden.shape)}) "
+            f"but weight is [V, H] = {tuple(weight.shape)}: the last dims must match"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one so the dtypes match")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    v = weight.shape[0]
+    if bias is not None:
+        bias = _float("bias", bias)
+        if tuple(bias.shape) != (v,):
+            raise ValueError(f"bias must have shape ({v},) to match weight, got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(f"bias must have weight's dtype/device ({weight.dtype}, {weight.device})")
+    temperature, topk = _check_common(temperature, topk, chunk_size, v)
+    lead = tuple(hidden.shape[:-1])
+    tgt = _check_ids("target_ids", target_ids, lead, v, hidden.device).reshape(-1)
+    gids = None
+    if gather_ids is not None:
+        if not isinstance(gather_ids, Tensor) or gather_ids.dim() != len(lead) + 1:
+            shape = tuple(gather_ids.shape) if isinstance(gather_ids, Tensor) else type(gather_ids).__name__
+            raise ValueError(f"gather_ids must have shape {lead} + (K',), got {shape}")
+        gids = _check_ids("gather_ids", gather_ids, lead + (gather_ids.shape[-1],), v, hidden.device)
+        gids = gids.reshape(-1, gids.shape[-1])
+    chunk = chunk_size or default_chunk_size(v, hidden.dtype)
+    out = _HiddenStats.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, tgt, gids, temperature, topk, bool(entropy), chunk
+    )
+    return _pack(out, lead, topk, bool(entropy), gids is not None)
+
+
+def token_stats_from_logits(
+    logits: Tensor,
+    target_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    topk: int = 0,
+    gather_ids: Tensor | None = None,
+    chunk_size: int | None = None,
+    entropy: bool = True,
+) -> TokenStats:
+    """``token_stats`` for a caller that already holds ``logits`` [..., V] (= h·Wᵀ + b, before the temperature).
+
+    Same outputs and dtypes as ``token_stats(hidden, weight, ...)`` with ``logits = hidden @ weight.T + bias``;
+    differentiable w.r.t. ``logits``. Tiled over tokens, so beyond the logits themselves (and their [..., V]
+    gradient) only O(chunk_size·V) fp32 scratch is used: no full fp32 copy or log_softmax of the logits.
+    """
+    logits = _float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    v = logits.shape[-1]
+    temperature, topk = _check_common(temperature, topk, chunk_size, v)
+    lead = tuple(logits.shape[:-1])
+    tgt = _check_ids("target_ids", target_ids, lead, v, logits.device).reshape(-1)
+    gids = None
+    if gather_ids is not None:
+        if not isinstance(gather_ids, Tensor) or gather_ids.dim() != len(lead) + 1:
+            shape = tuple(gather_ids.shape) if isinstance(gather_ids, Tensor) else type(gather_ids).__name__
+            raise ValueError(f"gather_ids must have shape {lead} + (K',), got {shape}")
+        gids = _check_ids("gather_ids", gather_ids, lead + (gather_ids.shape[-1],), v, logits.device)
+        gids = gids.reshape(-1, gids.shape[-1])
+    chunk = chunk_size or default_chunk_size(v, logits.dtype)
+    out = _LogitStats.apply(logits.reshape(-1, v), tgt, gids, temperature, topk, bool(entropy), chunk)
+    return _pack(out, lead, topk, bool(entropy), gids is not None)

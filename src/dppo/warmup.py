@@ -1,0 +1,100 @@
+"""The default job's starting point: a tiny transformers model given a short supervised warm-up on the arithmetic
+task, so RL starts from a policy that sometimes succeeds (RL from a random 1 M-parameter model would see reward 0).
+
+The result is saved with ``save_pretrained`` (model + tokenizer) in a cache directory keyed by a hash of everything
+that determines it, and the trainer loads it exactly like a user's ``--model PATH``. A second run skips the warm-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+
+from dppo.model import build_char_tokenizer, build_tiny_model
+from dppo.tasks import ArithmeticTask
+from dppo.tasks.arithmetic import ALPHABET
+from dppo.tasks.base import step_rng
+
+__all__ = ["warm_start", "default_cache_dir"]
+
+WARMUP_VERSION = 1  # bump when the warm-up recipe changes, so old caches are not reused
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DPPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dppo")
+
+
+def _key(cfg) -> dict:
+    return dict(version=WARMUP_VERSION, arch=cfg.arch, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                digits=cfg.task_digits, eval_per_level=cfg.eval_per_level, steps=cfg.warmup_steps,
+                lr=cfg.warmup_lr, batch=cfg.warmup_batch, noise=cfg.warmup_noise, seed=cfg.seed, torch=torch.__version__.split("+")[0])
+
+
+def warm_start(cfg, log=print) -> str:
+    """Directory of the warmed-up tiny model for ``cfg`` (a :class:`dppo.config.TrainConfig`); trains it if no cached
+    copy exists. Supervised fine-tuning: cross-entropy on the answer and <eos> tokens of ``prompt+answer``."""
+    key = _key(cfg)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = cfg.cache_dir or default_cache_dir()
+    path = os.path.join(root, f"warmup-{digest}")
+    if os.path.isfile(os.path.join(path, "warmup.json")):
+        log(f"warm-up: cached at {path}")
+        return path
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    task = ArithmeticTask(max_digits=cfg.task_digits, eval_per_level=cfg.eval_per_level)
+    tok = build_char_tokenizer(ALPHABET)
+    max_len = 2 * cfg.task_digits + 2 + cfg.task_digits + 3
+    model = build_tiny_model(len(tok), arch=cfg.arch, hidden_size=cfg.hidden, num_layers=cfg.layers,
+                             num_heads=cfg.heads, max_positions=max(64, 2 * max_len),
+                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    n = cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, n) / max(n, 1))))
+    model.train()
+    loss_v = float("nan")
+    for step in range(n):
+        rng = step_rng(cfg.seed, step, "warmup")
+        exs = [task.sample(rng) for _ in range(cfg.warmup_batch)]
+        prompts = tok([e.prompt for e in exs])["input_ids"]
+        demos = [task.sloppy_answer(e, rng, cfg.warmup_noise) for e in exs]
+        answers = tok(demos, add_special_tokens=False)["input_ids"]
+        seqs = [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100)
+        for i, (p, s) in enumerate(zip(prompts, seqs)):
+            ids[i, : len(s)] = torch.tensor(s)
+            attn[i, : len(s)] = 1
+            labels[i, len(p): len(s)] = torch.tensor(s[len(p):])  # loss on the answer and <eos> only
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_v = loss.item()
+        if (step + 1) % max(1, n // 5) == 0:
+            log(f"warm-up: step {step + 1}/{n}  loss {loss_v:.3f}")
+    model.eval()
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "warmup.json"), "w") as f:
+        json.dump(dict(key=key, final_loss=loss_v, seconds=time.perf_counter() - t0), f, indent=2)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # atomic: a killed warm-up leaves no half-written cache entry
+    log(f"warm-up: {n} steps in {time.perf_counter() - t0:.1f}s, saved to {path}")
+    return path
