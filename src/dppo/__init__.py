@@ -3,6 +3,8 @@
 from dppo.advantages import group_advantages
 from dppo.loss import aggregate, policy_loss
 from dppo.methods import PRESETS, Method, get_method
+from dppo.token_stats import TokenStats, token_stats, token_stats_from_logits
 
-__all__ = ["Method", "PRESETS", "get_method", "policy_loss", "aggregate", "group_advantages"]
+__all__ = ["Method", "PRESETS", "get_method", "policy_loss", "aggregate", "group_advantages", "TokenStats", "token_stats",
+           "token_stats_from_logits"]
 __version__ = "0.1.0"

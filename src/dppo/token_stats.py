@@ -32,9 +32,10 @@ from torch import Tensor
 
 __all__ = ["TokenStats", "token_stats", "token_stats_from_logits", "DEFAULT_TILE_BYTES", "default_chunk_size"]
 
-# Size of one logits tile (fp32 bytes). Measured on the 2-core CPU of docs/benchmarks.md at H = 1536, V = 151,936:
-# 64 MB tiles (~110 tokens) lose GEMM efficiency, 128–512 MB run within a few per cent of each other, so 128 MB
-# (220 tokens at V = 151,936) is the lean end of the flat region. See benchmarks/token_stats.py --tune.
+# Size of one logits tile (fp32 bytes). Sweep on the 2-core CPU of docs/benchmarks.md (H = 1536, V = 151,936,
+# N = 1024 bf16, fwd+bwd, best of 3 on a shared machine, ±5 %): 32 MB 1.82 s, 128 MB 1.78 s, 256 MB 1.93 s,
+# 512 MB 2.07 s. Small tiles make every tile's GEMM stream all of W for few tokens (memory-bound below ~100 tokens
+# in bf16); big ones cost page faults and cache misses. 128 MB = 220 tokens at V = 151,936.
 DEFAULT_TILE_BYTES = 128 * 2**20
 
 

@@ -1,0 +1,386 @@
+"""Benchmark: per-token statistics at vocabulary scale, naive (materialised logits) vs dppo.token_stats (tiled).
+
+One forward+backward of a policy loss on N tokens of a model with hidden size H = 1536 and vocabulary V = 151,936
+(Qwen2.5-1.5B's lm-head shape), from the final hidden states h [N, H] and the lm-head weight W [V, H]:
+
+  naive  Top-K DPPO, as peers do it: logits = h·Wᵀ [N, V] (input dtype) → .float() → log_softmax [N, V] fp32 →
+         gather log π(a_t) and log π at the rollout's 20 top-K ids; entropy −Σ p log p as a metric (no grad);
+         loss = dppo.policy_loss("dppo-topk-tv", ...); backward.
+  ours   the same Top-K DPPO loss and entropy metric from dppo.token_stats(h, W, a, gather_ids=topk_ids).
+  ppo    the lean baseline: log π(a_t) only (dppo.token_stats, entropy=False) + dppo.policy_loss("dppo-binary-tv").
+
+Peak memory: each case in a fresh subprocess; peak RSS (VmHWM, reset through /proc/self/clear_refs once the inputs
+h, W and the rollout data exist) minus the RSS at that moment = the extra memory of one forward + backward,
+gradients dW, dh included. Time: a second fresh subprocess runs the cases interleaved (one warm-up each, then
+``--reps`` rounds, order rotated per round) and takes the median wall time; N not in --timed-ns (16384) reuses the
+single cold iteration of the memory run. The parent waits for the (shared) machine to be idle before each
+subprocess, records the CPU other processes used meanwhile, and repeats a timing run that was shared.
+
+Usage:
+  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py            # full run → results JSON + docs table
+  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py --tune     # tile-size sweep for the default
+  .venv/bin/python benchmarks/token_stats.py --mem ours --n 1024 --dtype bf16      # child: one case's peak, JSON
+  .venv/bin/python benchmarks/token_stats.py --time ours,ppo --n 1024 --dtype bf16  # child: interleaved timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "token_stats.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+H, V, K, SEQ = 1536, 151_936, 20, 512
+BEGIN, END = "<!-- token_stats:begin -->", "<!-- token_stats:end -->"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Child: one case.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    # "5" resets the peak-RSS high-water mark (VmHWM) to the current RSS (Linux ≥ 4.0, proc(5)).
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def setup(n: int, dtype_name: str, tile_mb: int | None):
+    """Inputs and the three case closures for N tokens. Returns (cases, hidden, weight, chunk_size)."""
+    import torch
+    import torch.nn.functional as F
+
+    import dppo.token_stats as ts
+    from dppo import policy_loss
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if tile_mb:
+        ts.DEFAULT_TILE_BYTES = tile_mb * 2**20
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    # Logit std ≈ 2.5: a peaked-enough distribution; the cost does not depend on the values.
+    weight = (torch.randn(V, H, generator=g, dtype=dtype) * (2.5 / H**0.5)).requires_grad_()
+    hidden = torch.randn(n, H, generator=g, dtype=dtype).requires_grad_()
+    b, t = max(1, n // SEQ), min(n, SEQ)
+    # Rollout data (what the inference engine returns), from the same policy: 90 % of sampled tokens drawn from
+    # its top-K, the rest uniform. Built with the tiled path under no_grad so the setup peak stays small.
+    with torch.no_grad():
+        rnd = torch.randint(0, V, (n,), generator=g)
+        st = ts.token_stats(hidden, weight, rnd, topk=K, entropy=False)
+        j = torch.randint(0, K, (n, 1), generator=g)
+        from_topk = torch.rand(n, generator=g) < 0.9
+        target = torch.where(from_topk, st.topk_ids.gather(1, j)[:, 0], rnd)
+        rollout_logp = torch.where(from_topk, st.topk_logp.gather(1, j)[:, 0], st.logp)
+        topk_ids, rollout_topk_logp = st.topk_ids, st.topk_logp
+        sampled_in = (topk_ids == target[:, None]).any(-1)
+        del st
+    adv = torch.randn(b, generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    rl = rollout_logp.view(b, t)
+    topk_kw = dict(rollout_topk_logp=rollout_topk_logp.view(b, t, K), sampled_in_topk=sampled_in.view(b, t))
+
+    def naive():
+        logits = F.linear(hidden, weight).float()  # [N, V]; a no-op .float() for fp32, a copy for bf16
+        logp_all = logits.log_softmax(-1)
+        logp = logp_all.gather(-1, target[:, None])[:, 0]
+        topk_logp = logp_all.gather(-1, topk_ids)
+        with torch.no_grad():  # entropy as a metric, the lean way (no graph kept)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        loss, _ = policy_loss(
+            "dppo-topk-tv", logp.view(b, t), rl, adv, mask, topk_logp=topk_logp.view(b, t, K), **topk_kw
+        )
+        loss.backward()
+        return entropy.mean().item()
+
+    def ours():
+        st = ts.token_stats(hidden, weight, target, gather_ids=topk_ids)  # entropy on: a metric, as in naive
+        loss, _ = policy_loss(
+            "dppo-topk-tv", st.logp.view(b, t), rl, adv, mask, topk_logp=st.gathered_logp.view(b, t, K), **topk_kw
+        )
+        loss.backward()
+        return st.entropy.mean().item()
+
+    def ppo():
+        st = ts.token_stats(hidden, weight, target, entropy=False)
+        loss, _ = policy_loss("dppo-binary-tv", st.logp.view(b, t), rl, adv, mask)
+        loss.backward()
+        return 0.0
+
+    return {"naive": naive, "ours": ours, "ppo": ppo}, hidden, weight, ts.default_chunk_size(V)
+
+
+def run_mem(case: str, n: int, dtype_name: str, tile_mb: int | None) -> dict:
+    """Peak extra RSS of one forward+backward of ``case`` in this (fresh) process, and its (cold) wall time."""
+    cases, hidden, weight, chunk = setup(n, dtype_name, tile_mb)
+    gc.collect()
+    _reset_peak()
+    base_kb = _status_kb("VmRSS")
+    t0, c0 = time.perf_counter(), time.process_time()
+    cases[case]()
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    peak_kb = _status_kb("VmHWM")
+    return {"case": case, "n": n, "dtype": dtype_name, "peak_mb": (peak_kb - base_kb) / 1024,
+            "base_rss_mb": base_kb / 1024, "cold_time_s": dt, "cold_cpu_s": dc, "chunk_size": chunk}
+
+
+def run_time(names: list[str], n: int, dtype_name: str, reps: int, tile_mb: int | None) -> dict:
+    """Wall time of each case: one warm-up each, then ``reps`` rounds with the cases interleaved (order rotated
+    every round), so that drifts of the shared machine hit every case alike. Median per case."""
+    cases, hidden, weight, chunk = setup(n, dtype_name, tile_mb)
+    times: dict[str, list[float]] = {c: [] for c in names}
+    cpu: dict[str, list[float]] = {c: [] for c in names}
+    for c in names:
+        hidden.grad = weight.grad = None
+        cases[c]()
+    for r in range(reps):
+        for c in names[r % len(names):] + names[: r % len(names)]:
+            hidden.grad = weight.grad = None
+            t0, c0 = time.perf_counter(), time.process_time()
+            cases[c]()
+            times[c].append(time.perf_counter() - t0)
+            cpu[c].append(time.process_time() - c0)  # CPU seconds of this process (all threads)
+    return {"n": n, "dtype": dtype_name, "reps": reps, "chunk_size": chunk,
+            "time_s": {c: statistics.median(v) for c, v in times.items()},
+            "times_s": {c: [round(x, 3) for x in v] for c, v in times.items()},
+            "cpu_s": {c: statistics.median(v) for c, v in cpu.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parent: each measurement in a fresh subprocess.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_idle(max_wait_s: float = 300, threshold: float = 0.3) -> float:
+    """Wait until other processes use < ``threshold`` cores (2 s samples). The machine is shared with other
+    sessions' jobs; timing under their load would be meaningless. Returns the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait_s:
+        b0 = _busy_s()
+        time.sleep(2)
+        if (_busy_s() - b0) / 2 < threshold:
+            break
+        time.sleep(8)
+    return round(time.perf_counter() - t0 - 2, 1)
+
+
+def _spawn(args: list[str], timeout: int = 1800) -> dict:
+    waited = wait_idle()
+    cmd = [sys.executable, __file__, *args]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    t0, b0, c0 = time.perf_counter(), _busy_s(), _children_cpu_s()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"failed: timeout {timeout} s"}
+    wall = time.perf_counter() - t0
+    # CPU time other processes took while this measurement ran, in cores (0 = we had the machine to ourselves).
+    foreign = max(0.0, (_busy_s() - b0) - (_children_cpu_s() - c0)) / wall
+    if p.returncode != 0:
+        # rc -9: the kernel's OOM killer.
+        return {"status": f"failed rc={p.returncode}", "stderr": p.stderr[-2000:]}
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out.update(status="ok", wall_s=round(wall, 1), foreign_load_cores=round(foreign, 2), waited_idle_s=waited)
+    return out
+
+
+def _mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return (f"{cpu} (AVX-512 with bf16), {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; torch {torch.__version__}, "
+            f"Python {platform.python_version()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}")
+
+
+def full(ns: list[int], dtypes: list[str], reps: int, timed_ns: set[int]) -> dict:
+    """For every (dtype, N): a memory subprocess per case, then (N in timed_ns) one interleaved timing subprocess."""
+    rows = []
+    for dtype in dtypes:
+        last_naive = None
+        for n in ns:
+            row: dict = {"dtype": dtype, "n": n, "cases": {}}
+            ran = []
+            for case in ("naive", "ours", "ppo"):
+                if case == "naive" and last_naive is not None:
+                    # The naive peak is N·V-dominated: scale the last measured one linearly, plus the inputs.
+                    scale = n / last_naive["n"]
+                    est_mb = (last_naive["peak_mb"] + last_naive["base_rss_mb"]) * scale
+                    if est_mb > 0.85 * _mem_available_mb():
+                        msg = (f"not run: est. {est_mb / 1024:.0f} GB (peak measured at N={last_naive['n']} scaled "
+                               f"linearly, with inputs) > 85% of the {_mem_available_mb() / 1024:.1f} GB available")
+                        print(f"  {dtype} N={n:>5} {case:>5}: {msg}", flush=True)
+                        row["cases"][case] = {"status": msg, "est_gb": round(est_mb / 1024, 1)}
+                        continue
+                r = _spawn(["--mem", case, "--n", str(n), "--dtype", dtype])
+                row["cases"][case] = r
+                if r["status"] == "ok":
+                    ran.append(case)
+                    print(f"  {dtype} N={n:>5} {case:>5}: peak +{r['peak_mb']:.0f} MB, cold {r['cold_time_s']:.2f} s "
+                          f"[{r['wall_s']} s wall]", flush=True)
+                    if case == "naive":
+                        last_naive = r | {"n": n}
+                else:
+                    print(f"  {dtype} N={n:>5} {case:>5}: {r['status']}", flush=True)
+            if n in timed_ns and ran:
+                targs = ["--time", ",".join(ran), "--n", str(n), "--dtype", dtype, "--reps", str(reps)]
+                r = _spawn(targs)
+                if r["status"] == "ok" and r["foreign_load_cores"] > 0.25:  # another job shared the cores: redo once
+                    print(f"  {dtype} N={n:>5} times: foreign load {r['foreign_load_cores']} cores, retrying",
+                          flush=True)
+                    r2 = _spawn(targs)
+                    if r2["status"] == "ok" and r2["foreign_load_cores"] < r["foreign_load_cores"]:
+                        r = r2
+                row["timing_foreign_load_cores"] = r.get("foreign_load_cores")
+                if r["status"] == "ok":
+                    for c in ran:
+                        row["cases"][c].update(time_s=r["time_s"][c], times_s=r["times_s"][c], reps=r["reps"],
+                                               cpu_s=r["cpu_s"][c])
+                    print(f"  {dtype} N={n:>5} times: " + ", ".join(f"{c} {r['time_s'][c]:.2f} s" for c in ran)
+                          + f" (median of {reps}) [{r['wall_s']} s wall]", flush=True)
+            else:  # too slow to repeat: the single cold iteration of the memory subprocess
+                for c in ran:
+                    rc = row["cases"][c]
+                    rc.update(time_s=rc["cold_time_s"], cpu_s=rc["cold_cpu_s"], reps=1)
+            rows.append(row)
+    for row in rows:
+        cs = row["cases"]
+        ok = {c: v for c, v in cs.items() if v.get("status") == "ok"}
+        if "naive" in ok and "ours" in ok:
+            row["ours_over_naive_mem"] = ok["ours"]["peak_mb"] / ok["naive"]["peak_mb"]
+            row["ours_over_naive_time"] = ok["ours"]["time_s"] / ok["naive"]["time_s"]
+        if "ppo" in ok and "ours" in ok:
+            row["topk_over_ppo_mem"] = ok["ours"]["peak_mb"] / ok["ppo"]["peak_mb"]
+            row["topk_over_ppo_time"] = ok["ours"]["time_s"] / ok["ppo"]["time_s"]
+            row["topk_over_ppo_cpu"] = ok["ours"]["cpu_s"] / ok["ppo"]["cpu_s"]
+        if "naive" in ok and "ours" in ok:
+            row["ours_over_naive_cpu"] = ok["ours"]["cpu_s"] / ok["naive"]["cpu_s"]
+    return {"rows": rows}
+
+
+def markdown(data: dict) -> str:
+    lines = [
+        "| dtype | N | naive: time / peak | ours (Top-K DPPO): time / peak | PPO path: time / peak | "
+        "ours/naive mem | ours/naive time | Top-K/PPO time | Top-K/PPO mem |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(r):
+        if r is None:
+            return "–"
+        if r.get("status") != "ok":
+            return r["status"].split(" (")[0]
+        return f"{r['time_s']:.2f} s (n={r['reps']}) / {r['peak_mb'] / 1024:.2f} GB"
+
+    for row in data["rows"]:
+        f = lambda k: f"{row[k]:.2f}" if k in row else "–"  # noqa: E731
+        c = [cell(row["cases"].get(k)) for k in ("naive", "ours", "ppo")]
+        lines.append(
+            f"| {row['dtype']} | {row['n']} | {c[0]} | {c[1]} | {c[2]} | {f('ours_over_naive_mem')} | "
+            f"{f('ours_over_naive_time')} | {f('topk_over_ppo_time')} | {f('topk_over_ppo_mem')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mem", choices=["naive", "ours", "ppo"], help="child: peak memory of one case")
+    ap.add_argument("--time", help="child: comma-separated cases to time, interleaved")
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tile-mb", type=int, default=None)
+    ap.add_argument("--tune", action="store_true", help="sweep the tile size for the default (ours, --n)")
+    ap.add_argument("--ns", default="1024,4096,16384")
+    ap.add_argument("--timed-ns", default="1024,4096", help="N with repeated interleaved timing (others: 1 run)")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    if a.mem:
+        print(json.dumps(run_mem(a.mem, a.n, a.dtype, a.tile_mb)))
+        return
+    if a.time:
+        print(json.dumps(run_time(a.time.split(","), a.n, a.dtype, a.reps, a.tile_mb)))
+        return
+    if a.tune:
+        for dtype in a.dtypes.split(","):
+            for mb in (32, 64, 128, 256, 512):
+                m = _spawn(["--mem", "ours", "--n", str(a.n), "--dtype", dtype, "--tile-mb", str(mb)])
+                t = _spawn(["--time", "ours", "--n", str(a.n), "--dtype", dtype, "--reps", str(a.reps),
+                            "--tile-mb", str(mb)])
+                print(f"  {dtype} N={a.n} tile {mb:>3} MB (chunk {m.get('chunk_size')} tokens): "
+                      f"{t['time_s']['ours']:.3f} s {t['times_s']['ours']}, peak +{m['peak_mb']:.0f} MB "
+                      f"(foreign load {t['foreign_load_cores']} cores)", flush=True)
+        return
+    t0 = time.perf_counter()
+    ns = [int(x) for x in a.ns.split(",")]
+    data = full(ns, a.dtypes.split(","), a.reps, {int(x) for x in a.timed_ns.split(",") if x})
+    data["machine"] = _machine()
+    data["command"] = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py"
+    data["shape"] = {"H": H, "V": V, "K": K, "seq_len": SEQ, "temperature": 1.0}
+    data["total_s"] = round(time.perf_counter() - t0, 1)
+    print(markdown(data))
+    if not a.no_write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {RESULTS}")
+        update_docs(data)
+
+
+def update_docs(data: dict) -> None:
+    """Replace the generated table between the markers in docs/benchmarks.md (the prose around it is by hand)."""
+    if not DOCS.exists() or BEGIN not in DOCS.read_text():
+        print(f"{DOCS} has no {BEGIN} marker: table not inserted")
+        return
+    text = DOCS.read_text()
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    loads = [r.get("timing_foreign_load_cores") for r in data["rows"] if r.get("timing_foreign_load_cores") is not None]
+    gen = (f"{BEGIN}\n<!-- generated by benchmarks/token_stats.py; edit the prose outside the markers -->\n\n"
+           f"Machine: {data['machine']}.  \nCommand: `{data['command']}` (total {data['total_s'] / 60:.0f} min; "
+           f"other processes' load during the timing runs: max {max(loads, default=0):.2f} cores).\n\n"
+           f"{markdown(data)}\n{END}")
+    DOCS.write_text(head + gen + tail)
+    print(f"updated {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
