@@ -16,5 +16,12 @@ test:
 	@bash scripts/bootstrap.sh test,train
 	$(PY) -m pytest -q tests
 
+# Peer and trainer benchmarks (minutes; installs trl). The token-statistics benchmark (30 min) runs on its own:
+#   .venv/bin/python benchmarks/token_stats.py
+bench:
+	@bash scripts/bootstrap.sh train,bench
+	$(PY) benchmarks/peer_trl.py
+	$(PY) benchmarks/train_step.py
+
 clean:
 	rm -rf .venv runs .pytest_cache .hypothesis

@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["loss", "e2e", "all"], default="all")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--steps", type=int, default=20, help="e2e: optimizer steps (one rollout batch each)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=50, help="e2e: optimizer steps (one rollout batch each)")
+    ap.add_argument("--seeds", default="0,1,2", help="e2e: comma-separated seeds, each run by both trainers")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part in ("loss", "all"):
@@ -260,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("e2e", "all"):
         from peer_trl_e2e import run_e2e  # noqa: E402  (sibling module, needs the dppo trainer)
 
-        res = run_e2e(steps=args.steps, seed=args.seed)
+        res = run_e2e(steps=args.steps, seeds=tuple(int(x) for x in args.seeds.split(",")))
         res["env"] = _env()
         (args.out / "peer_trl_e2e.json").write_text(json.dumps(res, indent=1, default=str))
-        print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1, default=str))
+        print(json.dumps(res["summary"], indent=1, default=str))
     return 0
 
 

@@ -1,7 +1,7 @@
 """End-to-end half of benchmarks/peer_trl.py: ``dppo train`` vs ``trl.GRPOTrainer`` on the same job.
 
 Matched: the model (dppo's cached SFT warm-up tiny Qwen3 directory, loaded by both), the task (dppo's bundled
-arithmetic, exact-match reward), prompts per step (32), group size (8), generation length (digits + 2 = 5 tokens),
+arithmetic at the dppo run's task_digits, exact-match reward), prompts per step (32), group size (8), generation length (the run config's task_digits + 2 tokens: 4 at the default 2),
 sampling (T = 1, no top-k/top-p, fp32 rollout on both sides: TRL's HF generate has no bf16 engine), one optimizer
 step per rollout batch, AdamW lr 2e-4 (β 0.9/0.999, wd 0), grad-norm clip 1.0, constant lr, no KL term, advantages
 R − mean(group) without std scaling, and the loss: dppo ``grpo`` (ε 0.2, seq-mean-token-sum-norm) = TRL ``dr_grpo``
@@ -45,7 +45,7 @@ def _child_dppo(out: str, steps: int, seed: int) -> dict:
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, config=cfg)
 
 
-def _child_trl(out: str, steps: int, seed: int, model_dir: str) -> dict:
+def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int) -> dict:
     import resource
 
     import torch
@@ -55,9 +55,9 @@ def _child_trl(out: str, steps: int, seed: int, model_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from dppo.tasks.arithmetic import ArithmeticTask
+    from dppo.tasks import make_task
 
-    task = ArithmeticTask()
+    task = make_task("arithmetic", digits=digits)  # the same task (levels 1..digits) as the dppo run's config
     rows = [dict(prompt=e.prompt, answer=e.answer) for s in range(steps) for e in task.train_examples(s, P, seed)]
     ds = Dataset.from_list(rows)
 
@@ -92,10 +92,10 @@ def _child_trl(out: str, steps: int, seed: int, model_dir: str) -> dict:
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "") -> dict:
+def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "", digits: int = 0) -> dict:
     code = (f"import json,sys; sys.path.insert(0,{str(ROOT / 'src')!r}); sys.path.insert(0,{str(ROOT / 'benchmarks')!r});"
             f"import peer_trl_e2e as m; r=m._child_{kind}({out!r},{steps},{seed}"
-            + (f",{model_dir!r}" if kind == "trl" else "") + "); print('RESULT'+json.dumps(r))")
+            + (f",{model_dir!r},{digits}" if kind == "trl" else "") + "); print('RESULT'+json.dumps(r))")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
@@ -104,33 +104,55 @@ def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "") -> d
     return json.loads(line[-1][6:])
 
 
-def run_e2e(steps: int = 20, seed: int = 0) -> dict:
-    tmp = tempfile.mkdtemp(prefix="peer_e2e_")
-    d = _spawn("dppo", os.path.join(tmp, "dppo"), steps, seed)
+def _one_seed(steps: int, seed: int, tmp: str) -> dict:
+    d = _spawn("dppo", os.path.join(tmp, f"dppo{seed}"), steps, seed)
     model_dir = d["config"].get("model") or ""
     if not model_dir:  # the warm-up directory the run used
         from dppo.config import TrainConfig
         from dppo.warmup import warm_start
 
         model_dir = warm_start(TrainConfig(seed=seed), log=lambda *a: None)
-    t = _spawn("trl", os.path.join(tmp, "trl"), steps, seed, model_dir)
+    if d["config"].get("task", "arithmetic") != "arithmetic":
+        raise RuntimeError("the e2e peer benchmark expects the default arithmetic task")
+    digits = int(d["config"]["task_digits"])
+    t = _spawn("trl", os.path.join(tmp, f"trl{seed}"), steps, seed, model_dir, digits)
     k = max(1, steps // 4)
 
     def med(x):  # median step time, first step (warm-up of lazy init) excluded
         return statistics.median(x[1:] if len(x) > 1 else x)
 
-    res = dict(
-        steps=steps, seed=seed, prompts_per_step=P, group_size=G, lr=LR, model_dir=model_dir,
-        dppo=dict(median_step_s=med(d["step_times"]), wall_s=d["wall_s"], peak_rss_mb=d["peak_rss_mb"],
-                  reward_first=d["rewards"][:k], reward_last_mean=statistics.mean(d["rewards"][-k:]),
-                  rewards=d["rewards"]),
-        trl=dict(median_step_s=med(t["step_times"]), wall_s=t["wall_s"], peak_rss_mb=t["peak_rss_mb"],
-                 reward_first=t["rewards"][:k], reward_last_mean=statistics.mean(t["rewards"][-k:]),
-                 rewards=t["rewards"]),
-        command=f"python benchmarks/peer_trl.py --part e2e --steps {steps} --seed {seed}",
-    )
+    def side(r):
+        return dict(median_step_s=med(r["step_times"]), wall_s=r["wall_s"], peak_rss_mb=r["peak_rss_mb"],
+                    reward_first_mean=statistics.mean(r["rewards"][:k]),
+                    reward_last_mean=statistics.mean(r["rewards"][-k:]), rewards=r["rewards"])
+
+    res = dict(seed=seed, task_digits=digits, model_dir=model_dir, dppo=side(d), trl=side(t))
     res["ratio_step_time_dppo_over_trl"] = res["dppo"]["median_step_s"] / res["trl"]["median_step_s"]
     res["ratio_peak_rss_dppo_over_trl"] = res["dppo"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"]
-    res["note"] = (f"reward_last_mean = mean training reward over the last {k} steps. wall_s includes model loading "
-                   "and (dppo) the cached warm-up lookup; median_step_s excludes the first step.")
     return res
+
+
+def run_e2e(steps: int = 50, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Both trainers, seed by seed (dppo then TRL, never concurrently); ratios are per seed, then summarised."""
+    tmp = tempfile.mkdtemp(prefix="peer_e2e_")
+    runs = [_one_seed(steps, s, tmp) for s in seeds]
+    k = max(1, steps // 4)
+
+    def ms(xs):
+        return dict(mean=statistics.mean(xs), sd=statistics.stdev(xs) if len(xs) > 1 else 0.0, n=len(xs))
+
+    summary = dict(
+        ratio_step_time_dppo_over_trl=dict(median=statistics.median(r["ratio_step_time_dppo_over_trl"] for r in runs),
+                                           per_seed=[r["ratio_step_time_dppo_over_trl"] for r in runs]),
+        ratio_peak_rss_dppo_over_trl=dict(median=statistics.median(r["ratio_peak_rss_dppo_over_trl"] for r in runs),
+                                          per_seed=[r["ratio_peak_rss_dppo_over_trl"] for r in runs]),
+        **{f"{side}_{key}": ms([r[side][key] for r in runs]) for side in ("dppo", "trl")
+           for key in ("reward_first_mean", "reward_last_mean", "median_step_s", "peak_rss_mb")},
+    )
+    return dict(
+        steps=steps, seeds=list(seeds), prompts_per_step=P, group_size=G, lr=LR, summary=summary, runs=runs,
+        command=f"python benchmarks/peer_trl.py --part e2e --steps {steps} --seeds {','.join(map(str, seeds))}",
+        note=(f"reward_first_mean / reward_last_mean = mean training reward over the first / last {k} steps. "
+              "wall_s includes model loading and (dppo) the cached warm-up lookup; median_step_s excludes the first "
+              "step. Each side runs alone in its own process with one torch thread."),
+    )

@@ -31,22 +31,10 @@ EPS_LOW, EPS_HIGH, DELTA = 0.2, 0.28, 0.15
 
 def token_table(model, ro, update_steps: int = 0, lr: float = 2e-4):
     """Per response token: μ, π, entropy(μ), token id, for π = ``model`` after ``update_steps`` PG-IS steps."""
-    from dppo import group_advantages, policy_loss
-
-    pi_model = ml.cast_copy(model, torch.float32)
     if update_steps:
-        pi_model.train()
-        opt = torch.optim.Adam(pi_model.parameters(), lr=lr)
-        adv = group_advantages(ro.rewards, 8)
-        g = torch.Generator().manual_seed(0)
-        for idx in torch.randperm(len(adv), generator=g).chunk(update_steps):
-            lg = ml.response_logits(pi_model, ro, idx)
-            logp = torch.log_softmax(lg, -1).gather(-1, ro.response[idx][..., None]).squeeze(-1)
-            loss, _ = policy_loss("pg-is", logp, ro.rollout_logp[idx], adv[idx], ro.response_mask[idx])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        pi_model.eval()
+        pi_model = ml.pg_is_updated(model, ro, lr, update_steps, seed=0)
+    else:
+        pi_model = ml.cast_copy(model, torch.float32)
     with torch.no_grad():
         lg = ml.response_logits(pi_model, ro)
         logp = torch.log_softmax(lg, -1).gather(-1, ro.response[..., None]).squeeze(-1)

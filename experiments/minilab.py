@@ -184,6 +184,27 @@ def cast_copy(model, dtype):
     return m
 
 
+def pg_is_updated(model, ro: Rollout, lr: float, steps: int = 4, seed: int = 0):
+    """An fp32 copy of ``model`` after ``steps`` PG-IS minibatch steps (Adam) on ``ro``: a policy π that has moved
+    away from the rollout policy μ by a controlled amount."""
+    from dppo import group_advantages, policy_loss
+
+    pi = cast_copy(model, torch.float32)
+    pi.train()
+    opt = torch.optim.Adam(pi.parameters(), lr=lr)
+    adv = group_advantages(ro.rewards, 8)
+    g = torch.Generator().manual_seed(seed)
+    for idx in torch.randperm(len(adv), generator=g).chunk(steps):
+        lg = response_logits(pi, ro, idx)
+        logp = torch.log_softmax(lg, -1).gather(-1, ro.response[idx][..., None]).squeeze(-1)
+        loss, _ = policy_loss("pg-is", logp, ro.rollout_logp[idx], adv[idx], ro.response_mask[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pi.eval()
+    return pi
+
+
 @torch.no_grad()
 def accuracy(model, probs: list[tuple[str, str]]) -> float:
     """Greedy held-out accuracy (fp32)."""

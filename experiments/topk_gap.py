@@ -25,30 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import minilab as ml  # noqa: E402
-from fig2_mismatch import token_table  # noqa: E402,F401  (same update procedure)
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 5, 20, 50)
 DELTA = {"tv": 0.15, "kl": 0.05}
-
-
-def updated(model, ro, lr: float, steps: int = 4):
-    from dppo import group_advantages, policy_loss
-
-    pi = ml.cast_copy(model, torch.float32)
-    pi.train()
-    opt = torch.optim.Adam(pi.parameters(), lr=lr)
-    adv = group_advantages(ro.rewards, 8)
-    g = torch.Generator().manual_seed(1)
-    for idx in torch.randperm(len(adv), generator=g).chunk(steps):
-        lg = ml.response_logits(pi, ro, idx)
-        logp = torch.log_softmax(lg, -1).gather(-1, ro.response[idx][..., None]).squeeze(-1)
-        loss, _ = policy_loss("pg-is", logp, ro.rollout_logp[idx], adv[idx], ro.response_mask[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pi.eval()
-    return pi
 
 
 @torch.no_grad()
@@ -133,7 +113,7 @@ def main(argv=None) -> int:
     model.eval()
     ro = ml.rollout(ml.cast_copy(model, torch.bfloat16), ml.problems(256, 777), 8,
                     generator=torch.Generator().manual_seed(0))
-    parts = [estimates(updated(model, ro, lr), ro) for lr in (2e-4, 1e-3)]
+    parts = [estimates(ml.pg_is_updated(model, ro, lr, seed=1), ro) for lr in (2e-4, 1e-3)]
     est = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     res = summary(est)
     img = ROOT / "docs" / "img" / "results_topk_gap.png"

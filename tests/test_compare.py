@@ -73,3 +73,21 @@ def test_orchestration_resumes_and_passes_args(tmp_path):
     # second call: every run has done.json, so nothing is re-run (metrics not appended twice)
     assert compare.main(argv) == 0
     assert len(compare.load_runs(out)["grpo"][0]) == 3
+
+
+def test_summary_reads_dppo_train_metric_names(tmp_path):
+    # `dppo train` logs loss/abs_diff_mean, loss/masked_frac and eval/accuracy (every N steps, on its own line at
+    # step 0); the summary must read them when minilab's names are absent.
+    d = tmp_path / "runs" / "m" / "seed0"
+    d.mkdir(parents=True)
+    recs = [dict(step=0, **{"eval/accuracy": 0.4})]
+    recs += [dict(step=i, reward=0.5, **{"loss/abs_diff_mean": 0.01 * i, "loss/masked_frac": 0.02})
+             for i in range(1, 11)]
+    recs[-1]["eval/accuracy"] = 0.7
+    d.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    s = compare.summarise(compare.load_runs(tmp_path), target=("eval/accuracy", 0.6))["m"]
+    assert s["final_mismatch"][0] == pytest.approx((0.09 + 0.10) / 2)  # last 20 % of 10 steps
+    assert s["peak_mismatch"][0] == pytest.approx(0.10)
+    assert s["masked_frac"][0] == pytest.approx(0.02)
+    assert s["final_heldout_acc"][0] == pytest.approx(0.7)
+    assert s["target"]["steps"] == [10]

@@ -63,6 +63,15 @@ METRIC_TITLES = {
 }
 
 
+# Summary quantity → the metric keys that carry it, first present wins: minilab's name, then `dppo train`'s.
+# (minilab's mismatch is |π − μ| before the update, same weights; `dppo train` logs it over the update's minibatches.)
+SUMMARY_KEYS = {
+    "mismatch": ("mismatch_abs_mean", "loss/abs_diff_mean"),
+    "masked_frac": ("masked_frac", "loss/masked_frac"),
+    "heldout_acc": ("heldout_acc", "eval/accuracy"),
+}
+
+
 def parse_method_spec(spec: str) -> tuple[str, dict]:
     """``"cispo@ratio_cap=3,delta_low=inf"`` → ("cispo", {"ratio_cap": 3.0, "delta_low": inf})."""
     name, _, rest = spec.partition("@")
@@ -121,6 +130,15 @@ def _series(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def _series_any(recs: list[dict], keys: tuple[str, ...]) -> list[float]:
+    """Values of the first of ``keys`` that the records carry (see SUMMARY_KEYS)."""
+    for key in keys:
+        ys = _series(recs, key)[1]
+        if ys:
+            return ys
+    return []
+
+
 def _mean_std(vals: list[float]) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
@@ -162,14 +180,15 @@ def summarise(runs: dict[str, dict[int, list[dict]]], *, last_frac: float = 0.2,
             add("peak_reward", max(rw) if rw else None)
             if rw and max(rw) >= 0.2 and fin is not None and fin < collapse_drop * max(rw):
                 collapsed += 1
-            for key, name in (("mismatch_abs_mean", "mismatch"), ("entropy", "entropy")):
-                t = tail(key)
-                add(f"final_{name}", sum(t) / len(t) if t else None)
-            mm = _series(recs, "mismatch_abs_mean")[1]
+            mm = _series_any(recs, SUMMARY_KEYS["mismatch"])
+            t = mm[-max(1, int(len(mm) * last_frac)):]
+            add("final_mismatch", sum(t) / len(t) if t else None)
             add("peak_mismatch", max(mm) if mm else None)
-            mf = _series(recs, "masked_frac")[1]
+            t = tail("entropy")
+            add("final_entropy", sum(t) / len(t) if t else None)
+            mf = _series_any(recs, SUMMARY_KEYS["masked_frac"])
             add("masked_frac", sum(mf) / len(mf) if mf else None)
-            ho = _series(recs, "heldout_acc")[1]
+            ho = _series_any(recs, SUMMARY_KEYS["heldout_acc"])
             add("final_heldout_acc", ho[-1] if ho else None)
             add("steps", float(len(recs)))
             if target:
@@ -286,6 +305,8 @@ def write_report(out: Path, runs: dict[str, dict[int, list[dict]]], *, title: st
     md += [summary_table(summary), "",
            "Final = mean over the last 20 % of steps; ± is the standard deviation over seeds. *Collapsed*: final "
            "reward below half the run's peak (peak ≥ 0.2). Raw per-step metrics: `runs/<method>/seed<s>/metrics.jsonl`.",
+           "Columns read the first metric key the runs log: "
+           + "; ".join(f"{k}: {' or '.join(f'`{x}`' for x in v)}" for k, v in SUMMARY_KEYS.items()) + ".",
            ""]
     if notes:
         md += [notes, ""]

@@ -186,6 +186,31 @@ def _upstream(
     return neg_a, g_ent_s, rows_t, ids_t, vals_t
 
 
+def _forward_tiles(n: int, chunk: int, tile_logits, tgt: Tensor, gids: Tensor | None, topk: int,
+                   want_entropy: bool, ws: "_Workspace", acc: torch.dtype, device) -> tuple[Tensor, ...]:
+    """Run :func:`_tile_stats` over token tiles [s0, s1) whose fp32 logits ``tile_logits(s0, s1)`` builds in ``ws``;
+    returns (lse [n], logp [n], entropy [n or 0], topk_ids [n, K], topk_logp [n, K], gathered [n, K'])."""
+    kw = dict(dtype=acc, device=device)
+    lse, logp = torch.empty(n, **kw), torch.empty(n, **kw)
+    ent = torch.empty(n if want_entropy else 0, **kw)
+    topk_ids = torch.empty(n, topk, dtype=torch.long, device=device)
+    topk_logp = torch.empty(n, topk, **kw)
+    kg = gids.shape[-1] if gids is not None else 0
+    gath = torch.empty(n, kg, **kw)
+    for s0 in range(0, n, chunk):
+        s1 = min(n, s0 + chunk)
+        z = tile_logits(s0, s1)
+        out = _tile_stats(z, ws.scratch(z), tgt[s0:s1], gids[s0:s1] if gids is not None else None, topk, want_entropy)
+        lse[s0:s1], logp[s0:s1] = out[0], out[1]
+        if want_entropy:
+            ent[s0:s1] = out[2]
+        if topk:
+            topk_ids[s0:s1], topk_logp[s0:s1] = out[3], out[4]
+        if kg:
+            gath[s0:s1] = out[5]
+    return lse, logp, ent, topk_ids, topk_logp, gath
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # From hidden states.
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,28 +221,12 @@ class _HiddenStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tgt, gids, temperature, topk, want_entropy, chunk):
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
-        kw = dict(dtype=acc, device=hidden.device)
-        lse, logp = torch.empty(n, **kw), torch.empty(n, **kw)
-        ent = torch.empty(n if want_entropy else 0, **kw)
-        topk_ids = torch.empty(n, topk, dtype=torch.long, device=hidden.device)
-        topk_logp = torch.empty(n, topk, **kw)
-        kg = gids.shape[-1] if gids is not None else 0
-        gath = torch.empty(n, kg, **kw)
         chunk = -(-n // -(-n // chunk)) if n else chunk  # same tile count, sizes balanced (no 3-token last tile)
         ws = _Workspace(min(chunk, n) * v, acc, hidden.dtype, hidden.device, extra=1)
-        for s0 in range(0, n, chunk):
-            s1 = min(n, s0 + chunk)
-            z = ws.logits(hidden[s0:s1], weight, bias, temperature)
-            out = _tile_stats(
-                z, ws.scratch(z), tgt[s0:s1], gids[s0:s1] if gids is not None else None, topk, want_entropy
-            )
-            lse[s0:s1], logp[s0:s1] = out[0], out[1]
-            if want_entropy:
-                ent[s0:s1] = out[2]
-            if topk:
-                topk_ids[s0:s1], topk_logp[s0:s1] = out[3], out[4]
-            if kg:
-                gath[s0:s1] = out[5]
+        lse, logp, ent, topk_ids, topk_logp, gath = _forward_tiles(
+            n, chunk, lambda s0, s1: ws.logits(hidden[s0:s1], weight, bias, temperature),
+            tgt, gids, topk, want_entropy, ws, acc, hidden.device,
+        )
         del ws
         ctx.save_for_backward(hidden, weight, bias, tgt, gids, lse, ent)
         ctx.temperature, ctx.chunk, ctx.want_entropy = temperature, chunk, want_entropy
@@ -277,34 +286,22 @@ class _HiddenStats(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _logit_tile(ws: "_Workspace", logits: Tensor, s0: int, s1: int, temperature: float) -> Tensor:
+    """Rows [s0, s1) of the caller's logits, copied into the fp32 workspace (never modified in place) and ÷ τ."""
+    z = ws.acc[: (s1 - s0) * logits.shape[1]].view(s1 - s0, logits.shape[1]).copy_(logits[s0:s1])
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
 class _LogitStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tgt, gids, temperature, topk, want_entropy, chunk):
         n, v = logits.shape
         acc = _acc_dtype(logits.dtype)
-        kw = dict(dtype=acc, device=logits.device)
-        lse, logp = torch.empty(n, **kw), torch.empty(n, **kw)
-        ent = torch.empty(n if want_entropy else 0, **kw)
-        topk_ids = torch.empty(n, topk, dtype=torch.long, device=logits.device)
-        topk_logp = torch.empty(n, topk, **kw)
-        kg = gids.shape[-1] if gids is not None else 0
-        gath = torch.empty(n, kg, **kw)
         ws = _Workspace(min(chunk, n) * v, acc, acc, logits.device, extra=1)
-        for s0 in range(0, n, chunk):
-            s1 = min(n, s0 + chunk)
-            z = ws.acc[: (s1 - s0) * v].view(s1 - s0, v).copy_(logits[s0:s1])  # never modify the caller's logits
-            if temperature != 1.0:
-                z.div_(temperature)
-            out = _tile_stats(
-                z, ws.scratch(z), tgt[s0:s1], gids[s0:s1] if gids is not None else None, topk, want_entropy
-            )
-            lse[s0:s1], logp[s0:s1] = out[0], out[1]
-            if want_entropy:
-                ent[s0:s1] = out[2]
-            if topk:
-                topk_ids[s0:s1], topk_logp[s0:s1] = out[3], out[4]
-            if kg:
-                gath[s0:s1] = out[5]
+        lse, logp, ent, topk_ids, topk_logp, gath = _forward_tiles(
+            n, chunk, lambda s0, s1: _logit_tile(ws, logits, s0, s1, temperature),
+            tgt, gids, topk, want_entropy, ws, acc, logits.device,
+        )
         del ws
         ctx.save_for_backward(logits, tgt, gids, lse, ent)
         ctx.temperature, ctx.chunk, ctx.want_entropy = temperature, chunk, want_entropy
@@ -330,9 +327,7 @@ class _LogitStats(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for i, s0 in enumerate(range(0, n, ctx.chunk)):
             s1 = min(n, s0 + ctx.chunk)
-            z = ws.acc[: (s1 - s0) * v].view(s1 - s0, v).copy_(logits[s0:s1])
-            if ctx.temperature != 1.0:
-                z.div_(ctx.temperature)
+            z = _logit_tile(ws, logits, s0, s1, ctx.temperature)
             dz = _tile_grad(
                 z, lse[s0:s1, None], ent[s0:s1, None] if g_ent_s is not None else None, neg_a[s0:s1],
                 g_ent_s[s0:s1] if g_ent_s is not None else None, ws.scratch(z) if g_ent_s is not None else None,
