@@ -21,6 +21,12 @@ Zero-mass conventions (documented, tested):
     drive it to 0: fp32 ``log_softmax`` returns exactly 0 for a token of probability > 1 − 6e-8, and listed top-K
     masses can sum to 1 ± 1e-7. Unfloored, that would give KL = +inf and mask a token that hardly moved. Raising a
     π-mass only lowers that cell's term μ·log(μ/π), so the estimate stays a lower bound of the exact KL.
+  * Top-K's "other" cell is 1 − (a sum of K + 1 masses), so with fp32 inputs each side's is known only to
+    r = (K+1)·eps_fp32 (1.2e-7 per cell). Where π's true "other" mass π_o is below r it can round to 0 and be
+    floored at 1e-12, and Top-K KL then over-estimates by up to μ_o·log(π_o/1e-12); μ_o's rounding adds at most
+    r·(log 1e12 + 1) ≈ 3e-6·(K+1)/8. That case is a policy that moved essentially all its mass off tokens μ still
+    gives μ_o to, whose exact KL is already ≥ μ_o·log(μ_o/r) − μ_o; over-estimating masks more, never less.
+    fp64 inputs are summed in fp64 and have none of this. Both regimes are tested (``test_divergence.py``).
 """
 
 from __future__ import annotations
@@ -141,10 +147,15 @@ def _topk_cells(
     check_same_shape("logp", logp, rollout_logp=rollout_logp)
     check_topk("logp", logp, topk_logp, rollout_topk_logp, sampled_in_topk)
     neg_inf = torch.tensor(float("-inf"), device=logp.device)
+    # "other" is 1 − a sum of K+1 masses: fp32 leaves up to ~(K+1)·1.2e-7 of rounding in it, which the KL floor turns
+    # into up to ~1e-6·(K+1) of spurious KL. fp64 inputs keep fp64 here, so that noise is gone where the caller has
+    # the precision (the property tests); the returned estimates are fp32 either way.
+    work = torch.float64 if torch.float64 in (logp.dtype, rollout_logp.dtype, topk_logp.dtype,
+                                               rollout_topk_logp.dtype) else torch.float32
 
     def cells(lp_sampled: Tensor, lp_topk: Tensor) -> Tensor:
-        extra = torch.where(sampled_in_topk, neg_inf, lp_sampled.float().clamp(max=0.0))
-        listed = torch.cat([lp_topk.float().clamp(max=0.0), extra.unsqueeze(-1)], dim=-1)
+        extra = torch.where(sampled_in_topk, neg_inf, lp_sampled.to(work).clamp(max=0.0))
+        listed = torch.cat([lp_topk.to(work).clamp(max=0.0), extra.unsqueeze(-1)], dim=-1)
         log_listed_mass = torch.logsumexp(listed, dim=-1).clamp(max=0.0)
         return torch.cat([listed, log1mexp(log_listed_mass).unsqueeze(-1)], dim=-1)
 
@@ -164,7 +175,7 @@ def topk_tv(
         [...] float32 in [0, 1]; binary_tv ≤ topk_tv ≤ exact_tv (App. B).
     """
     mu, pi = _topk_cells(logp, rollout_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
-    return 0.5 * _abs_prob_diff(pi, mu).sum(dim=-1)
+    return (0.5 * _abs_prob_diff(pi, mu).sum(dim=-1)).float()
 
 
 def topk_kl(
@@ -177,7 +188,7 @@ def topk_kl(
     """
     mu, pi = _topk_cells(logp, rollout_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
     listed = _kl_term(mu[..., :-1], pi[..., :-1], floor=False).sum(dim=-1)
-    return (listed + _kl_term(mu[..., -1], pi[..., -1])).clamp(min=0.0)
+    return (listed + _kl_term(mu[..., -1], pi[..., -1])).clamp(min=0.0).float()
 
 
 def _exact(logits: Tensor, rollout_logits: Tensor, kind: str) -> Tensor:
