@@ -128,6 +128,7 @@ def test_fp32_engine_shares_the_adapted_module(tmp_path, cache_dir, partial_rewa
     torch.testing.assert_close(lp[ro.response_mask], ro.logp[ro.response_mask], rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # inside peft's from_pretrained
 def test_final_merged_model_loads_and_matches_adapter(tmp_path, cache_dir, partial_reward):
     from peft import PeftModel
 
