@@ -12,8 +12,9 @@ demo:
 	@bash scripts/bootstrap.sh ""
 	$(PY) -m dppo demo
 
+# lora: peft (+ accelerate, psutil) is a few MB and installs in seconds, so the LoRA tests run in CI too
 test:
-	@bash scripts/bootstrap.sh test,train
+	@bash scripts/bootstrap.sh test,train,lora
 	$(PY) -m pytest -q tests
 
 # Peer and trainer benchmarks (minutes; installs trl). The token-statistics benchmark (30 min) runs on its own:

@@ -3,6 +3,10 @@
 ``RUN/checkpoint/state.pt`` holds the model and optimizer state dicts, the scheduler, the RNG states (Python, torch
 CPU, CUDA), the step and the data position. It is written to a temporary file and renamed, so a run killed while
 saving keeps the previous checkpoint intact.
+
+Frozen parameters (the base model under LoRA) are left out of the model state: they never change, and the resumed
+run loads them again from the model directory. A LoRA checkpoint is the adapter and its optimizer state, not a copy
+of the model.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ def checkpoint_path(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoint", "state.pt")
 
 
+def _frozen_keys(model) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _trained_state(model) -> dict:
+    frozen = _frozen_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
 def save_checkpoint(run_dir: str, *, step: int, model, optimizer, scheduler, data_position: int, extra: dict | None = None) -> str:
     path = checkpoint_path(run_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
         "step": step,
         "data_position": data_position,
-        "model": model.state_dict(),
+        "model": _trained_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": {
@@ -50,7 +63,11 @@ def load_checkpoint(run_dir: str, *, model, optimizer, scheduler, map_location="
     if not os.path.isfile(path):
         return None
     state = torch.load(path, map_location=map_location, weights_only=False)
-    model.load_state_dict(state["model"])
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = set(missing) - _frozen_keys(model)
+    if missing or unexpected:
+        raise RuntimeError(f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected "
+                           f"{sorted(unexpected)[:5]} (a checkpoint of another model or LoRA setting?)")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]

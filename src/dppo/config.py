@@ -95,6 +95,19 @@ class TrainConfig:
     micro_batch_size: int = opt(0, "responses per forward/backward (gradient accumulation within a mini-batch; "
                                 "0 = the whole mini-batch)")
     train_dtype: str = opt("fp32", "training forward precision (bf16 = autocast)", ("fp32", "bf16"))
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward instead "
+                                       "of keeping them (non-reentrant): less activation memory for one more forward "
+                                       "of every layer; same loss and gradients")
+    # ---- LoRA (needs peft: pip install 'dppo[lora]') --------------------------------------------------------
+    lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters B·A (scaled by alpha/r) on the --lora_target "
+                         "layers and freeze the model (0 = full fine-tuning; paper Table 1 also reports LoRA runs, "
+                         "with lr 1e-5)")
+    lora_alpha: float = opt(0.0, "LoRA alpha: the adapter output is scaled by alpha/r (0 = 2·r)")
+    lora_dropout: float = opt(0.0, "LoRA dropout; only 0 is accepted: the policy runs without dropout so that π "
+                              "is the same function at rollout and in the loss (a dropped-out π would put noise "
+                              "into every ratio π/μ the trust region tests)")
+    lora_target: str = opt("all-linear", "layers that get adapters: 'all-linear' (every Linear layer except the "
+                           "lm-head) or a comma list of module names, e.g. q_proj,k_proj,v_proj,o_proj")
     # ---- evaluation, logging, checkpoints -----------------------------------------------------------------
     eval_every: int = opt(20, "held-out evaluation every N steps (and at the start and end; 0 = only those)")
     eval_samples: int = opt(4, "samples per held-out problem (accuracy = mean over them, as Avg@k; paper: Avg@32)")
@@ -109,7 +122,7 @@ class TrainConfig:
 
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
 RESUME_MAY_CHANGE = {"steps", "eval_every", "ckpt_every", "tensorboard", "progress", "plot", "threads", "cache_dir",
-                     "device"}
+                     "device", "gradient_checkpointing"}
 
 
 class ConfigError(ValueError):
@@ -152,6 +165,21 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     need(cfg.max_new_tokens >= 0, f"--max_new_tokens must be >= 0 (0 = the task's default), got {cfg.max_new_tokens}")
     need(cfg.eval_samples >= 1, f"--eval_samples must be >= 1, got {cfg.eval_samples}")
+    need(cfg.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = full fine-tuning), got {cfg.lora_rank}")
+    need(cfg.lora_alpha >= 0, f"--lora_alpha must be >= 0 (0 = 2 × --lora_rank), got {cfg.lora_alpha}")
+    need(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    need(cfg.lora_dropout == 0, f"--lora_dropout {cfg.lora_dropout}: only 0 is supported. The policy runs in eval "
+         "mode so that π is the same function when sampling (log μ) and in the loss (log π): there LoRA dropout would "
+         "be silently off, and switched on it would make log π − log μ partly noise that the trust region clips for")
+    if cfg.lora_rank:
+        targets = [t.strip() for t in cfg.lora_target.split(",")]
+        need(all(targets), f"--lora_target {cfg.lora_target!r}: expected 'all-linear' or a comma list of module "
+             "names such as q_proj,v_proj")
+        import importlib.util
+
+        need(importlib.util.find_spec("peft") is not None, f"--lora_rank {cfg.lora_rank} needs the peft package, "
+             "which is not installed: pip install 'dppo[lora]' (or pip install peft), or use --lora_rank 0 for full "
+             "fine-tuning")
     for name in ("delta_low", "delta_high", "ratio_cap"):
         v = getattr(cfg, name)
         need(v == -1.0 or v > 0, f"--{name} {v}: must be > 0 (inf to switch off) or -1 to keep the preset's value")

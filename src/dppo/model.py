@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "build_char_tokenizer", "build_tiny_model", "load_model", "ResponseStats", "response_stats",
-    "position_ids_from_mask", "DTYPES",
+    "position_ids_from_mask", "DTYPES", "enable_gradient_checkpointing", "checkpointing_active",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,6 +86,47 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     model.to(device)
     model.config.use_cache = False
     return model, tok
+
+
+def enable_gradient_checkpointing(model) -> list[torch.nn.Module]:
+    """Turn on transformers' activation checkpointing of every decoder layer, non-reentrant, and return the modules
+    that carry the switch (use them with :func:`checkpointing_active`). Works on a plain model or a peft model.
+
+    transformers checkpoints a layer only while ``layer.training`` is set, but the trainer keeps the policy in eval
+    mode (no dropout: π must be the same function at rollout and in the loss), so the switch alone does nothing:
+    :func:`checkpointing_active` sets the flag on these modules, not their children, around the training forward.
+    Non-reentrant checkpointing gives the LoRA parameters inside a checkpointed layer their gradients with no input
+    that requires grad, so the hook on the embedding output that transformers adds for the reentrant variant (and
+    peft asks for) is removed: with LoRA it would only make the backward run into the frozen embedding for nothing.
+    """
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    kw = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; gradient_* is its deprecated alias
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+    mods = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if not mods:
+        raise ValueError(f"{type(base).__name__} has no module that supports gradient checkpointing")
+    return mods
+
+
+@contextmanager
+def checkpointing_active(modules: list[torch.nn.Module]):
+    """Within the block, the modules returned by :func:`enable_gradient_checkpointing` are in training mode (their
+    children, dropout included, keep their own mode), so a forward with grad checkpoints every layer. The backward
+    may run after the block: the recompute calls the layer's forward directly and reads no ``training`` flag of
+    the layer itself."""
+    before = [m.training for m in modules]
+    for m in modules:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, t in zip(modules, before):
+            m.training = t
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

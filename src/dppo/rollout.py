@@ -165,7 +165,9 @@ class HFEngine(RolloutEngine):
     Args:
         model: the policy (a ``PreTrainedModel``). With ``dtype`` equal to the policy's dtype the engine samples with
             the policy module itself (``sync`` is a no-op); otherwise it keeps its own copy in ``dtype`` and ``sync``
-            copies the weights into it (like pushing weights to an inference server).
+            copies the weights into it (like pushing weights to an inference server). For a LoRA policy, build the
+            engine from the model *before* ``dppo.lora.apply_lora``: the engine's copy stays a plain model and
+            ``sync`` pushes the merged weights (shared mode samples with the adapted module itself, unmerged).
         eos_token_id, pad_token_id: ids from the tokenizer (``eos_token_id`` may be a list: any of them ends a
             response).
         dtype: "fp32" | "bf16" | "fp16": the rollout precision.
@@ -190,8 +192,16 @@ class HFEngine(RolloutEngine):
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
 
     def sync(self, policy: torch.nn.Module) -> None:
-        if not self.shared:
-            with torch.no_grad():
+        """Copy the policy's weights into the engine's copy, cast to the engine dtype. A LoRA policy (peft) pushes its
+        merged weights W + (α/r)·B·A (the engine was built from the model before the adapters were added)."""
+        if self.shared:
+            return
+        with torch.no_grad():
+            if hasattr(policy, "peft_config"):
+                from dppo.lora import load_merged
+
+                load_merged(policy, self.model)
+            else:
                 for dst, src in zip(self.model.parameters(), policy.parameters()):
                     dst.copy_(src)  # cast to the engine dtype
 

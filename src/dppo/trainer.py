@@ -14,6 +14,9 @@ One step, top to bottom (:meth:`Trainer.step`):
 
 Records flow one way (rollout → advantages → loss → update); the metrics of every step go to metrics.jsonl,
 TensorBoard and the progress bar. Checkpoints hold everything a resumed run needs to continue bit-for-bit.
+
+With ``--lora_rank`` the policy is a peft LoRA model (:mod:`dppo.lora`): AdamW, the gradient clip and the checkpoints
+hold the adapters alone, and the engine samples with the merged weights W + (α/r)·B·A.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -32,7 +36,7 @@ from dppo.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_config
 from dppo.loss import policy_loss
 from dppo.methods import PRESETS, Method
 from dppo.metrics_log import MetricsLog, summary_line
-from dppo.model import load_model, response_stats
+from dppo.model import checkpointing_active, enable_gradient_checkpointing, load_model, response_stats
 from dppo.rollout import HFEngine, Rollout, SamplingParams, encode_prompts
 from dppo.tasks import Task, make_task
 
@@ -150,18 +154,37 @@ class Trainer:
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens_hint or 1024
         if self.method.aggregation == "seq-mean-token-sum-norm" and self.method.max_len_norm is None:
             self.method = dataclasses.replace(self.method, max_len_norm=self.max_new_tokens)
+        # Built before the adapters are added: a bf16 engine keeps a plain copy and is pushed merged LoRA weights.
         self.engine = HFEngine(self.model, eos_token_id=_eos_ids(self.model, self.tok),
                                pad_token_id=self.tok.pad_token_id, dtype=cfg.rollout_dtype)
+        if cfg.lora_rank:
+            from dppo.lora import apply_lora
+
+            # A's random init from its own seed: the global stream depends on whether the warm-up ran or was cached
+            torch.manual_seed(_seed_of(cfg.seed, "lora"))
+            try:
+                self.model = apply_lora(self.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                        dropout=cfg.lora_dropout, target=cfg.lora_target)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            self.model.eval()
+        self.ckpt_modules = enable_gradient_checkpointing(self.model) if cfg.gradient_checkpointing else []
+        # AdamW and the gradient clip see the trained parameters only (all of them without LoRA)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sampling = SamplingParams(self.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                        top_p=cfg.top_p, record_topk=self.method.topk if self.method.needs_topk else 0)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.total_updates = cfg.steps * cfg.epochs * cfg.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.autocast = torch.bfloat16 if cfg.train_dtype == "bf16" else None
         n_params = sum(p.numel() for p in self.model.parameters())
-        log(f"model {model_path} ({n_params / 1e6:.2f} M parameters), method {self.method.name}, "
-            f"rollout {cfg.rollout_dtype}, {cfg.prompts_per_step}×{cfg.group_size} responses/step, "
-            f"{cfg.minibatches} updates/step")
+        self.n_trainable = sum(p.numel() for p in self.params)
+        lora = (f", LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha or 2 * cfg.lora_rank:g} on {cfg.lora_target}"
+                if cfg.lora_rank else "")
+        log(f"model {model_path} ({n_params / 1e6:.2f} M parameters, {self.n_trainable:,} trained{lora}), "
+            f"method {self.method.name}, rollout {cfg.rollout_dtype}, {cfg.prompts_per_step}×{cfg.group_size} "
+            f"responses/step, {cfg.minibatches} updates/step"
+            + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
 
     def _lr_factor(self, update: int) -> float:
         cfg = self.cfg
@@ -190,7 +213,8 @@ class Trainer:
 
     def _stats(self, ro: Rollout, idx: torch.Tensor, *, grad: bool):
         gather = ro.topk_ids[idx] if (self.method.needs_topk and ro.topk_ids is not None) else None
-        with torch.set_grad_enabled(grad):
+        ckpt = checkpointing_active(self.ckpt_modules) if grad else nullcontext()
+        with torch.set_grad_enabled(grad), ckpt:
             return response_stats(self.model, ro.input_ids[idx], ro.attention_mask[idx], ro.response_ids[idx],
                                   temperature=self.cfg.temperature, gather_ids=gather, entropy=True,
                                   autocast_dtype=self.autocast)
@@ -256,7 +280,7 @@ class Trainer:
                     resp = ro.response_mask[idx]
                     ent_sum += float((st.entropy.detach() * resp).sum())
                     ent_tok += float(resp.sum())
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                gn = torch.nn.utils.clip_grad_norm_(self.params,
                                                     cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 if not torch.isfinite(gn):
                     raise NonFiniteError(f"gradient norm is {gn.item()} at step {step + 1} (mini-batch {k + 1})")
@@ -314,6 +338,25 @@ class Trainer:
         save_checkpoint(self.cfg.out, step=step, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, data_position=step * self.cfg.prompts_per_step,
                         extra={"model_path": self.model_path})
+
+    def save_final(self, path: str) -> None:
+        """The trained policy as a plain transformers model + tokenizer in ``path``, loadable with ``--model``.
+
+        With LoRA, the adapter alone goes to ``{path}_adapter`` (peft format) and ``path`` gets the merged weights
+        W + (α/r)·B·A, written into a fresh fp32 CPU copy of the base model (the same merge the rollout engine
+        receives; no second copy of the model on the training device)."""
+        from dppo.lora import is_peft_model, load_merged
+
+        if is_peft_model(self.model):
+            from transformers import AutoModelForCausalLM
+
+            self.model.save_pretrained(f"{path}_adapter")
+            plain = AutoModelForCausalLM.from_pretrained(self.model_path, local_files_only=True, dtype=torch.float32)
+            load_merged(self.model, plain)
+            plain.save_pretrained(path)
+        else:
+            self.model.save_pretrained(path)
+        self.tok.save_pretrained(path)
 
 
 def _check_resume(cfg: TrainConfig) -> None:
@@ -392,9 +435,7 @@ def train(cfg: TrainConfig, log=None) -> list[dict]:
     finally:
         mlog.close()
     if start < cfg.steps:
-        final = os.path.join(cfg.out, "final")
-        trainer.model.save_pretrained(final)
-        trainer.tok.save_pretrained(final)
+        trainer.save_final(os.path.join(cfg.out, "final"))
     if cfg.plot:
         try:
             from dppo.plot import plot_run
