@@ -100,9 +100,10 @@ class TrainConfig:
                                        "of every layer; same loss and gradients")
     # ---- LoRA (needs peft: pip install 'dppo[lora]') --------------------------------------------------------
     lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters B·A (scaled by alpha/r) on the --lora_target "
-                         "layers and freeze the model (0 = full fine-tuning; paper Table 1 also reports LoRA runs, "
-                         "with lr 1e-5)")
-    lora_alpha: float = opt(0.0, "LoRA alpha: the adapter output is scaled by alpha/r (0 = 2·r)")
+                         "layers and freeze the model (0 = full fine-tuning; the paper's LoRA run, §7 Table 1, uses "
+                         "r 32 with lr 1e-5)")
+    lora_alpha: float = opt(0.0, "LoRA alpha: the adapter output is scaled by alpha/r (0 = 2·r, as the paper's "
+                            "LoRA run: r 32, alpha 64, §7 Table 1)")
     lora_dropout: float = opt(0.0, "LoRA dropout; only 0 is accepted: the policy runs without dropout so that π "
                               "is the same function at rollout and in the loss (a dropped-out π would put noise "
                               "into every ratio π/μ the trust region tests)")
