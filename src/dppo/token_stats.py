@@ -393,6 +393,18 @@ def _pack(out: tuple[Tensor, ...], lead: tuple[int, ...], topk: int, want_entrop
     )
 
 
+def _flat_ids(target_ids, gather_ids, lead: tuple, v: int, device) -> tuple[Tensor, Tensor | None]:
+    """Validated ids flattened over the leading dims: target [N], gather [N, K'] or None."""
+    tgt = _check_ids("target_ids", target_ids, lead, v, device).reshape(-1)
+    if gather_ids is None:
+        return tgt, None
+    if not isinstance(gather_ids, Tensor) or gather_ids.dim() != len(lead) + 1:
+        shape = tuple(gather_ids.shape) if isinstance(gather_ids, Tensor) else type(gather_ids).__name__
+        raise ValueError(f"gather_ids must have shape {lead} + (K',), got {shape}")
+    gids = _check_ids("gather_ids", gather_ids, lead + (gather_ids.shape[-1],), v, device)
+    return tgt, gids.reshape(-1, gids.shape[-1])
+
+
 def token_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -451,14 +463,7 @@ def token_stats(
             raise TypeError(f"bias must have weight's dtype/device ({weight.dtype}, {weight.device})")
     temperature, topk = _check_common(temperature, topk, chunk_size, v)
     lead = tuple(hidden.shape[:-1])
-    tgt = _check_ids("target_ids", target_ids, lead, v, hidden.device).reshape(-1)
-    gids = None
-    if gather_ids is not None:
-        if not isinstance(gather_ids, Tensor) or gather_ids.dim() != len(lead) + 1:
-            shape = tuple(gather_ids.shape) if isinstance(gather_ids, Tensor) else type(gather_ids).__name__
-            raise ValueError(f"gather_ids must have shape {lead} + (K',), got {shape}")
-        gids = _check_ids("gather_ids", gather_ids, lead + (gather_ids.shape[-1],), v, hidden.device)
-        gids = gids.reshape(-1, gids.shape[-1])
+    tgt, gids = _flat_ids(target_ids, gather_ids, lead, v, hidden.device)
     chunk = chunk_size or default_chunk_size(v, hidden.dtype)
     out = _HiddenStats.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, tgt, gids, temperature, topk, bool(entropy), chunk
@@ -488,14 +493,7 @@ def token_stats_from_logits(
     v = logits.shape[-1]
     temperature, topk = _check_common(temperature, topk, chunk_size, v)
     lead = tuple(logits.shape[:-1])
-    tgt = _check_ids("target_ids", target_ids, lead, v, logits.device).reshape(-1)
-    gids = None
-    if gather_ids is not None:
-        if not isinstance(gather_ids, Tensor) or gather_ids.dim() != len(lead) + 1:
-            shape = tuple(gather_ids.shape) if isinstance(gather_ids, Tensor) else type(gather_ids).__name__
-            raise ValueError(f"gather_ids must have shape {lead} + (K',), got {shape}")
-        gids = _check_ids("gather_ids", gather_ids, lead + (gather_ids.shape[-1],), v, logits.device)
-        gids = gids.reshape(-1, gids.shape[-1])
+    tgt, gids = _flat_ids(target_ids, gather_ids, lead, v, logits.device)
     chunk = chunk_size or default_chunk_size(v, logits.dtype)
     out = _LogitStats.apply(logits.reshape(-1, v), tgt, gids, temperature, topk, bool(entropy), chunk)
     return _pack(out, lead, topk, bool(entropy), gids is not None)
