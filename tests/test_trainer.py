@@ -52,7 +52,7 @@ def test_smoke_run(tmp_path, cache_dir):
             assert k in r, k
         assert 0 <= r["reward"] <= 1 and r["loss/abs_diff_mean"] >= 0
         assert r["loss/diff_min"] <= r["loss/diff_max"]
-    saved = json.load(open(out / "config.json"))
+    saved = json.loads((out / "config.json").read_text())
     assert saved["method"] == "dppo-binary-tv" and saved["seed"] == 0
     assert os.path.isfile(out / "checkpoint" / "state.pt")
     assert os.path.isfile(out / "curves.png")
