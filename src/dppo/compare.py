@@ -165,29 +165,27 @@ def summarise(runs: dict[str, dict[int, list[dict]]], *, last_frac: float = 0.2,
         acc: dict[str, list[float]] = {}
         collapsed, reached, steps = 0, 0, []
         for recs in seeds.values():
-            def tail(key: str) -> list[float]:
-                ys = _series(recs, key)[1]
-                n = max(1, int(len(ys) * last_frac))
-                return ys[-n:]
+            def tail(ys: list[float]) -> list[float]:
+                return ys[-max(1, int(len(ys) * last_frac)):]
+
+            def mean(ys: list[float]) -> float | None:
+                return sum(ys) / len(ys) if ys else None
 
             def add(k: str, v: float | None) -> None:
                 if v is not None and math.isfinite(v):
                     acc.setdefault(k, []).append(v)
 
             rw = _series(recs, "reward")[1]
-            fin = sum(tail("reward")) / max(1, len(tail("reward"))) if rw else None
+            fin = mean(tail(rw))
             add("final_reward", fin)
             add("peak_reward", max(rw) if rw else None)
             if rw and max(rw) >= 0.2 and fin is not None and fin < collapse_drop * max(rw):
                 collapsed += 1
             mm = _series_any(recs, SUMMARY_KEYS["mismatch"])
-            t = mm[-max(1, int(len(mm) * last_frac)):]
-            add("final_mismatch", sum(t) / len(t) if t else None)
+            add("final_mismatch", mean(tail(mm)))
             add("peak_mismatch", max(mm) if mm else None)
-            t = tail("entropy")
-            add("final_entropy", sum(t) / len(t) if t else None)
-            mf = _series_any(recs, SUMMARY_KEYS["masked_frac"])
-            add("masked_frac", sum(mf) / len(mf) if mf else None)
+            add("final_entropy", mean(tail(_series(recs, "entropy")[1])))
+            add("masked_frac", mean(_series_any(recs, SUMMARY_KEYS["masked_frac"])))
             ho = _series_any(recs, SUMMARY_KEYS["heldout_acc"])
             add("final_heldout_acc", ho[-1] if ho else None)
             add("steps", float(len(recs)))
