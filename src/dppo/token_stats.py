@@ -211,6 +211,18 @@ def _forward_tiles(n: int, chunk: int, tile_logits, tgt: Tensor, gids: Tensor | 
     return lse, logp, ent, topk_ids, topk_logp, gath
 
 
+def _save_forward(ctx, out: tuple[Tensor, ...], inputs: tuple, temperature: float, chunk: int,
+                  want_entropy: bool) -> tuple[Tensor, ...]:
+    """The end of both autograd forwards: save ``inputs`` + (lse, entropy) for the recomputing backward, mark the
+    top-K outputs non-differentiable, return (logp, entropy, topk_ids, topk_logp, gathered)."""
+    lse, logp, ent, topk_ids, topk_logp, gath = out
+    ctx.save_for_backward(*inputs, lse, ent)
+    ctx.temperature, ctx.chunk, ctx.want_entropy = temperature, chunk, want_entropy
+    ctx.mark_non_differentiable(topk_ids, topk_logp)
+    ctx.set_materialize_grads(False)
+    return logp, ent, topk_ids, topk_logp, gath
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # From hidden states.
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,16 +235,11 @@ class _HiddenStats(torch.autograd.Function):
         acc = _acc_dtype(hidden.dtype)
         chunk = -(-n // -(-n // chunk)) if n else chunk  # same tile count, sizes balanced (no 3-token last tile)
         ws = _Workspace(min(chunk, n) * v, acc, hidden.dtype, hidden.device, extra=1)
-        lse, logp, ent, topk_ids, topk_logp, gath = _forward_tiles(
+        out = _forward_tiles(
             n, chunk, lambda s0, s1: ws.logits(hidden[s0:s1], weight, bias, temperature),
             tgt, gids, topk, want_entropy, ws, acc, hidden.device,
         )
-        del ws
-        ctx.save_for_backward(hidden, weight, bias, tgt, gids, lse, ent)
-        ctx.temperature, ctx.chunk, ctx.want_entropy = temperature, chunk, want_entropy
-        ctx.mark_non_differentiable(topk_ids, topk_logp)
-        ctx.set_materialize_grads(False)
-        return logp, ent, topk_ids, topk_logp, gath
+        return _save_forward(ctx, out, (hidden, weight, bias, tgt, gids), temperature, chunk, want_entropy)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_ids, _g_topk, g_gath):
@@ -298,16 +305,11 @@ class _LogitStats(torch.autograd.Function):
         n, v = logits.shape
         acc = _acc_dtype(logits.dtype)
         ws = _Workspace(min(chunk, n) * v, acc, acc, logits.device, extra=1)
-        lse, logp, ent, topk_ids, topk_logp, gath = _forward_tiles(
+        out = _forward_tiles(
             n, chunk, lambda s0, s1: _logit_tile(ws, logits, s0, s1, temperature),
             tgt, gids, topk, want_entropy, ws, acc, logits.device,
         )
-        del ws
-        ctx.save_for_backward(logits, tgt, gids, lse, ent)
-        ctx.temperature, ctx.chunk, ctx.want_entropy = temperature, chunk, want_entropy
-        ctx.mark_non_differentiable(topk_ids, topk_logp)
-        ctx.set_materialize_grads(False)
-        return logp, ent, topk_ids, topk_logp, gath
+        return _save_forward(ctx, out, (logits, tgt, gids), temperature, chunk, want_entropy)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_ids, _g_topk, g_gath):
