@@ -23,14 +23,14 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from dppo.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -223,18 +223,6 @@ def loss_agreement(dtypes=(torch.float64, torch.float32), seeds=(0, 1, 2)) -> li
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _env() -> dict:
-    import importlib.metadata as md
-
-    vers = {}
-    for pkg in ("torch", "transformers", "trl", "accelerate"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            vers[pkg] = None
-    return dict(python=platform.python_version(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(), **vers)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["loss", "e2e", "all"], default="all")
@@ -246,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("loss", "all"):
         t0 = time.time()
         rows = loss_agreement()
-        res = dict(rows=rows, env=_env(), wall_s=time.time() - t0,
+        res = dict(rows=rows, env=machine_info(), wall_s=time.time() - t0,
                    command="python benchmarks/peer_trl.py --part loss")
         (args.out / "peer_trl_loss.json").write_text(json.dumps(res, indent=1, default=str))
         for r in rows:
@@ -261,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         from peer_trl_e2e import run_e2e  # noqa: E402  (sibling module, needs the dppo trainer)
 
         res = run_e2e(steps=args.steps, seeds=tuple(int(x) for x in args.seeds.split(",")))
-        res["env"] = _env()
+        res["env"] = machine_info()
         (args.out / "peer_trl_e2e.json").write_text(json.dumps(res, indent=1, default=str))
         print(json.dumps(res["summary"], indent=1, default=str))
     return 0

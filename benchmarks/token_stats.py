@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -218,19 +217,6 @@ def _mem_available_mb() -> float:
     return float("inf")
 
 
-def _machine() -> str:
-    import torch
-
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    return (f"{cpu} (AVX-512 with bf16), {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; torch {torch.__version__}, "
-            f"Python {platform.python_version()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}")
-
-
 def full(ns: list[int], dtypes: list[str], reps: int, timed_ns: set[int]) -> dict:
     """For every (dtype, N): a memory subprocess per case, then (N in timed_ns) one interleaved timing subprocess."""
     rows = []
@@ -353,7 +339,9 @@ def main() -> None:
     t0 = time.perf_counter()
     ns = [int(x) for x in a.ns.split(",")]
     data = full(ns, a.dtypes.split(","), a.reps, {int(x) for x in a.timed_ns.split(",") if x})
-    data["machine"] = _machine()
+    from dppo.machine import machine_info, machine_line
+
+    data["machine"] = f"{machine_line(machine_info())}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}"
     data["command"] = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py"
     data["shape"] = {"H": H, "V": V, "K": K, "seq_len": SEQ, "temperature": 1.0}
     data["total_s"] = round(time.perf_counter() - t0, 1)

@@ -17,11 +17,11 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 
 from dppo.cli import parse_config
+from dppo.machine import machine_info, machine_line
 from dppo.trainer import Trainer
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                 for ex in a.extra or [""]:
                     rows.append(bench(m, th, a.steps, a.warm, rd, ex))
                     print(rows[-1], file=sys.stderr, flush=True)
-    print(f"\ntorch {torch.__version__}, {a.steps} timed steps after {a.warm} warm-up steps, "
+    print(f"\n{machine_line(machine_info())}\n{a.steps} timed steps after {a.warm} warm-up steps, "
           f"32 prompts × 8 responses, 4 mini-batches\n")
     print("| method | options | threads | rollout | steps/s | tokens/s | rollout s | recompute s | train s | step s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -22,8 +22,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
-import os
 import random
 import sys
 import time

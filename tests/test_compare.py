@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import os
 
 import pytest
 
@@ -70,6 +70,8 @@ def test_orchestration_resumes_and_passes_args(tmp_path):
     assert got[got.index("--method") + 1] == "cispo" and json.loads(got[got.index("--over") + 1]) == {"ratio_cap": 3}
     assert got[-2:] == ["--steps", "3"]
     assert (out / "report.md").exists()
+    machine = json.loads((out / "summary.json").read_text())["machine"]
+    assert f"{os.cpu_count()} cores" in machine and f"Machine: {machine}." in (out / "report.md").read_text()
     # second call: every run has done.json, so nothing is re-run (metrics not appended twice)
     assert compare.main(argv) == 0
     assert len(compare.load_runs(out)["grpo"][0]) == 3

@@ -58,6 +58,9 @@ def test_smoke_run(tmp_path, cache_dir):
     assert os.path.isfile(out / "curves.png")
     assert os.path.isdir(out / "tb") and os.listdir(out / "tb")
     assert os.path.isfile(out / "final" / "config.json")  # loadable with --model
+    (machine,) = [json.loads(x) for x in (out / "machine.jsonl").read_text().splitlines()]
+    assert machine["start_step"] == 0 and machine["torch"] == torch.__version__
+    assert machine["cpu_count"] == os.cpu_count() and machine["torch_threads"] == 1  # TINY sets threads=1
 
 
 def test_cli_subprocess_smoke_and_plot(tmp_path, cache_dir):

@@ -11,6 +11,7 @@ partial-credit reward of tests/data/my_rewards.py so that the policy actually mo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -72,6 +73,8 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, monkeypatch, extra):
         assert max(r.get("grad_norm", 0.0) for r in a) > 0, "the policy never moved: the test would prove nothing"
     assert [r["step"] for r in b] == list(range(ARGS["steps"] + 1)), "a metric line was lost or duplicated"
     assert [r["step"] for r in a] == [r["step"] for r in b]
+    starts = [json.loads(x)["start_step"] for x in (run / "machine.jsonl").read_text().splitlines()]
+    assert starts[0] == 0 and len(starts) == 2 and 0 < starts[1] <= killed_at  # resumed from its checkpoint
     for ra, rb in zip(a, b):
         keys = {k for k in ra if not k.startswith(TIMING)}
         assert keys == {k for k in rb if not k.startswith(TIMING)}, ra["step"]

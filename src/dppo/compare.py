@@ -37,6 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dppo.machine import machine_info, machine_line
+
 __all__ = [
     "parse_method_spec", "load_runs", "summarise", "plot_curves", "write_report", "steps_to_target", "main",
     "RUNNERS",
@@ -287,8 +289,9 @@ def summary_table(summary: dict[str, dict]) -> str:
 
 def write_report(out: Path, runs: dict[str, dict[int, list[dict]]], *, title: str, command: str = "",
                  wall_s: float | None = None, metrics=DEFAULT_METRICS, target: tuple[str, float] | None = None,
-                 notes: str = "", smooth: int = 1) -> dict:
-    """``out/report.md`` + ``out/curves.png`` + ``out/summary.json``; returns the summary."""
+                 notes: str = "", smooth: int = 1, machine: str = "") -> dict:
+    """``out/report.md`` + ``out/curves.png`` + ``out/summary.json``; returns the summary. ``machine``: where the
+    runs ran (:func:`dppo.machine.machine_line`); figures from different CPUs differ for the same seed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, target=target)
@@ -298,6 +301,8 @@ def write_report(out: Path, runs: dict[str, dict[int, list[dict]]], *, title: st
         md += ["Command:", "", "```bash", command, "```", ""]
     if wall_s is not None:
         md += [f"Wall time: {wall_s / 60:.1f} min.", ""]
+    if machine:
+        md += [f"Machine: {machine}.", ""]
     if png:
         md += ["![curves](curves.png)", ""]
     md += [summary_table(summary), "",
@@ -309,7 +314,7 @@ def write_report(out: Path, runs: dict[str, dict[int, list[dict]]], *, title: st
     if notes:
         md += [notes, ""]
     (out / "report.md").write_text("\n".join(md))
-    (out / "summary.json").write_text(json.dumps(dict(summary=summary, command=command, wall_s=wall_s), indent=1,
+    (out / "summary.json").write_text(json.dumps(dict(summary=summary, command=command, wall_s=wall_s, machine=machine), indent=1,
                                                  default=str))
     return summary
 
@@ -398,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(args.out)
     runs = {k: runs[k] for k in methods if k in runs}
     prev = args.out / "summary.json"
-    wall = time.time() - t0
-    if args.report_only and prev.exists():
-        wall = json.loads(prev.read_text()).get("wall_s") or wall
-    write_report(args.out, runs, title=args.title, command=full_cmd, wall_s=wall,
+    wall, machine = time.time() - t0, machine_line(machine_info())
+    if args.report_only and prev.exists():  # the figures are the earlier run's: keep its wall time and machine
+        old = json.loads(prev.read_text())
+        wall, machine = old.get("wall_s") or wall, old.get("machine") or machine
+    write_report(args.out, runs, title=args.title, command=full_cmd, wall_s=wall, machine=machine,
                  metrics=[m for m in args.metrics.split(",") if m], target=target, smooth=args.smooth)
     print(f"dppo compare: report → {args.out / 'report.md'}")
     return 0

@@ -61,7 +61,7 @@ def _presets_table() -> str:
           topk_tv(b["lpi"], b["lmu"], b["top_lpi"], b["top_lmu"], b["in_top"])[b["mask"]].mean().item())
     kl = (binary_kl(b["lpi"], b["lmu"])[b["mask"]].mean().item(),
           topk_kl(b["lpi"], b["lmu"], b["top_lpi"], b["top_lmu"], b["in_top"])[b["mask"]].mean().item())
-    out = [f"Synthetic batch: B=16 sequences, ≤64 tokens, V=2000 long-tailed, policy drifted from rollout.",
+    out = ["Synthetic batch: B=16 sequences, ≤64 tokens, V=2000 long-tailed, policy drifted from rollout.",
            f"mean Binary-TV {tv[0]:.4f} ≤ Top-20-TV {tv[1]:.4f};  mean Binary-KL {kl[0]:.4f} ≤ Top-20-KL {kl[1]:.4f}",
            "",
            f"{'preset':<26}{'loss':>9}{'masked':>8}{'A>0,π↑':>8}{'A<0,π↓':>8}{'capped':>8}{'seq drop':>9}"

@@ -27,7 +27,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["TokenStats", "token_stats", "token_stats_from_logits", "DEFAULT_TILE_BYTES", "default_chunk_size"]

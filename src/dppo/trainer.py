@@ -22,6 +22,7 @@ hold the adapters alone, and the engine samples with the merged weights W + (α/
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -34,6 +35,7 @@ from dppo.advantages import group_advantages
 from dppo.checkpoint import load_checkpoint, save_checkpoint
 from dppo.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_config, save_config, validate
 from dppo.loss import policy_loss
+from dppo.machine import machine_info, machine_line
 from dppo.methods import PRESETS, Method
 from dppo.metrics_log import MetricsLog, summary_line
 from dppo.model import checkpointing_active, enable_gradient_checkpointing, load_model, response_stats
@@ -373,6 +375,15 @@ def _check_resume(cfg: TrainConfig) -> None:
                           "directory, or the same settings to resume it")
 
 
+def _record_machine(run_dir: str, start: int, log) -> None:
+    """Append this start's machine to ``RUN/machine.jsonl`` (one line per start or resume): figures from different
+    CPUs differ for the same seed, so a run must say where each of its parts ran."""
+    info = {"start_step": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **machine_info()}
+    with open(os.path.join(run_dir, "machine.jsonl"), "a") as f:
+        f.write(json.dumps(info) + "\n")
+    log(f"machine: {machine_line(info)}")
+
+
 def train(cfg: TrainConfig, log=None) -> list[dict]:
     """Run (or resume) the training job of ``cfg``; returns the metric records written by this invocation."""
     from dppo.checkpoint import checkpoint_path
@@ -394,6 +405,7 @@ def train(cfg: TrainConfig, log=None) -> list[dict]:
                                 scheduler=trainer.scheduler, map_location=cfg.device)
         start = int(state["step"])
         log(f"resuming {cfg.out} from step {start}")
+    _record_machine(cfg.out, start, log)
     mlog = MetricsLog(cfg.out, resume_step=start if resuming else None, tensorboard=cfg.tensorboard)
     written: list[dict] = []
     try:

@@ -1,0 +1,86 @@
+"""What a run or a benchmark ran on: CPU model, cores, memory, threads, accelerator, package versions.
+
+Figures from these CPUs are not portable: the same seed gives a different model on an Intel and an AMD CPU (their
+matrix kernels sum in different orders, and 1,500 warm-up steps compound the last-bit differences; README,
+"Measured result"). So every run directory records the machine of each start in ``machine.jsonl``, and every
+benchmark writes it beside its figures.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+
+__all__ = ["machine_info", "machine_line"]
+
+_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _mem_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_flags() -> list[str]:
+    """The x86 vector extensions that decide which matrix kernels torch picks (AVX2, AVX-512, bf16, AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in have]
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict:
+    """Plain JSON-able facts about this process's machine. Packages that are not installed are left out."""
+    import torch
+
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "mem_gib": _mem_gib(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": gpus,
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def machine_line(info: dict) -> str:
+    """One readable line: ``AMD EPYC (avx2, avx512f, avx512_bf16), 2 cores, 23.4 GiB, 2 threads, no GPU; torch …``."""
+    flags = f" ({', '.join(info['cpu_flags'])})" if info.get("cpu_flags") else ""
+    mem = f", {info['mem_gib']:g} GiB" if info.get("mem_gib") is not None else ""
+    gpu = ", ".join(info["gpus"]) if info.get("gpus") else "no GPU"
+    pkgs = ", ".join(f"{p} {info[p]}" for p in _PACKAGES if p in info)
+    return (f"{info['cpu']}{flags}, {info['cpu_count']} cores{mem}, {info['torch_threads']} threads, {gpu}; "
+            f"{pkgs}; Python {info['python']}")
