@@ -17,39 +17,20 @@ __all__ = ["machine_info", "machine_line"]
 _PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str | None:
+    """The value after ``key:`` on the first such line of a /proc file (None off Linux or when absent)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _mem_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
     return None
 
 
-def _cpu_flags() -> list[str]:
-    """The x86 vector extensions that decide which matrix kernels torch picks (AVX2, AVX-512, bf16, AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in have]
-    except OSError:
-        pass
-    return []
+# The x86 vector extensions that decide which matrix kernels torch picks.
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def machine_info() -> dict:
@@ -64,11 +45,13 @@ def machine_info() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    mem_kb = _proc_field("/proc/meminfo", "MemTotal")
+    flags = set((_proc_field("/proc/cpuinfo", "flags") or "").split())
     return {
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine() or "unknown",
+        "cpu_flags": [x for x in _FLAGS if x in flags],
         "cpu_count": os.cpu_count(),
-        "mem_gib": _mem_gib(),
+        "mem_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
         "torch_threads": torch.get_num_threads(),
         "gpus": gpus,
         "python": platform.python_version(),
