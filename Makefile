@@ -23,6 +23,7 @@ bench:
 	@bash scripts/bootstrap.sh train,bench
 	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/rollout_precision.py
 
 clean:
 	rm -rf .venv runs .pytest_cache .hypothesis

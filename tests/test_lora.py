@@ -117,6 +117,24 @@ def test_engine_samples_the_adapted_policy(tmp_path, cache_dir, partial_reward):
     torch.testing.assert_close(now[m], via_logits[m], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_fp32_head_engine_follows_the_policy(tmp_path, cache_dir, partial_reward, lora_rank):
+    """--rollout_fp32_head through the trainer: after updates and a sync, the engine's fp32 head is the policy's head
+    weight bit for bit (through the peft wrapper with LoRA, which never adapts the head) and log μ tracks log π."""
+    t = _trainer(lora_cfg(tmp_path / "r", cache_dir, partial_reward, lora_rank=lora_rank, rollout_fp32_head=True))
+    head = (t.model.get_base_model() if lora_rank else t.model).get_output_embeddings().weight
+    start = head.detach().clone()
+    for s in range(2):
+        t.step(s)
+    ro, *_ = t.rollout(2)  # syncs the engine
+    assert lora_rank or not torch.equal(head, start)  # full fine-tuning moved the (tied) head
+    assert t.engine._head32[0].dtype == torch.float32 and torch.equal(t.engine._head32[0], head.detach())
+    with torch.no_grad():
+        lp = t._stats(ro, torch.arange(ro.response_ids.shape[0]), grad=False).logp
+    diff = (lp - ro.logp).abs()[ro.response_mask]
+    assert diff.max() < 0.05 and diff.mean() < 5e-3, (diff.max(), diff.mean())
+
+
 def test_fp32_engine_shares_the_adapted_module(tmp_path, cache_dir, partial_reward):
     t = _trainer(lora_cfg(tmp_path / "r", cache_dir, partial_reward, rollout_dtype="fp32"))
     assert t.engine.shared

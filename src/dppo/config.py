@@ -68,6 +68,9 @@ class TrainConfig:
     top_p: float = opt(1.0, "rollout nucleus truncation (1.0 = none, the paper's setting); μ is renormalised")
     rollout_dtype: str = opt("bf16", "rollout engine precision; bf16 rollout vs fp32 training reproduces the "
                              "paper's training–inference mismatch (§5.1: BF16 on purpose)", ("fp32", "bf16", "fp16"))
+    rollout_fp32_head: bool = opt(False, "run the rollout engine's lm-head GEMM in fp32 on its upcast hidden state "
+                                  "(the FP32 LM head of ScaleRL / MiniMax-M1, trl#4303): less training–inference "
+                                  "mismatch. Off by default: the paper's §5.1 mismatch is plain BF16 rollout")
     # ---- loss ---------------------------------------------------------------------------------------------
     method: str = opt("dppo-binary-tv", "policy-loss preset, one of: " + ", ".join(PRESETS) + ". DPPO-Binary-TV "
                       "is the paper's recommended method (§4.4, §7.3)")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "build_char_tokenizer", "build_tiny_model", "load_model", "ResponseStats", "response_stats",
-    "position_ids_from_mask", "DTYPES", "enable_gradient_checkpointing", "checkpointing_active",
+    "position_ids_from_mask", "DTYPES", "enable_gradient_checkpointing", "checkpointing_active", "decoder_and_head",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,7 +149,7 @@ class ResponseStats:
     gathered_logp: Tensor | None  # log π_θ at the rollout's top-K ids, fp32
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
     """(decoder body returning final normed hidden states, lm-head Linear) or None when the model does anything to
     its logits beyond ``h·Wᵀ + b`` that we cannot see (then the logits path is used)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -193,7 +193,7 @@ def response_stats(
     t = response_ids.shape[1]
     pos = position_ids_from_mask(attention_mask)
     ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     with ctx:
         if parts is not None:
             body, head = parts

@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from dppo.model import DTYPES, position_ids_from_mask
+from dppo.model import DTYPES, decoder_and_head, position_ids_from_mask
 
 __all__ = ["SamplingParams", "Rollout", "RolloutEngine", "HFEngine", "sampling_logprobs", "encode_prompts"]
 
@@ -150,6 +150,11 @@ def encode_prompts(tokenizer, prompts: list[str], use_chat_template: bool, devic
     return ids.to(device), mask.to(device)
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model under a peft wrapper (the lm head is never LoRA-adapted, ``dppo.lora``)."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
 def _new_cache(model):
     from transformers import DynamicCache
 
@@ -171,9 +176,16 @@ class HFEngine(RolloutEngine):
         eos_token_id, pad_token_id: ids from the tokenizer (``eos_token_id`` may be a list: any of them ends a
             response).
         dtype: "fp32" | "bf16" | "fp16": the rollout precision.
+        fp32_head: with a low-precision ``dtype``, run the lm-head GEMM in fp32: the decoder body runs in ``dtype``,
+            its last hidden state is upcast, and the logits are h·W32ᵀ (+ b) with an fp32 copy W32 of the policy's
+            head weight, refreshed by ``sync`` (no rounding of W to ``dtype``; costs one fp32 [V, H] copy). The
+            "FP32 LM head" of ScaleRL / MiniMax-M1 (trl#4303, open-instruct#1387) against the mismatch. The trainer's
+            own head is already fp32 (fp32 master weights; the head GEMM is outside autocast, ``dppo.model``), so
+            this gives both sides an fp32 head. No effect when the engine shares the fp32 policy.
     """
 
-    def __init__(self, model: torch.nn.Module, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32",
+                 fp32_head: bool = False):
         policy_dtype = next(model.parameters()).dtype
         self.dtype = DTYPES[dtype]
         if self.dtype == policy_dtype:
@@ -183,10 +195,20 @@ class HFEngine(RolloutEngine):
             self.model = copy.deepcopy(model).to(self.dtype)
             self.shared = False
         self.model.eval()
+        self._body = self._head32 = None
+        if fp32_head and not self.shared:
+            parts = decoder_and_head(self.model)
+            if parts is None:
+                raise ValueError(f"fp32_head: {type(self.model).__name__} changes its logits after the lm head "
+                                 "(soft-capping or scaling) or has no plain Linear head; use fp32_head=False")
+            self._body = parts[0]
+            head = model.get_output_embeddings()
+            self._head32 = [head.weight.detach().float().clone(),
+                            head.bias.detach().float().clone() if head.bias is not None else None]
         eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         self.eos = torch.tensor(sorted(set(int(e) for e in eos if e is not None)), dtype=torch.long)
         self.pad = int(pad_token_id)
-        params = inspect.signature(self.model.forward).parameters
+        params = inspect.signature((self._body or self.model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else (
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
@@ -204,9 +226,17 @@ class HFEngine(RolloutEngine):
             else:
                 for dst, src in zip(self.model.parameters(), policy.parameters()):
                     dst.copy_(src)  # cast to the engine dtype
+            if self._head32 is not None:  # from the policy's (fp32) head itself, not from the rounded engine copy
+                head = _base(policy).get_output_embeddings()
+                self._head32[0].copy_(head.weight)
+                if head.bias is not None:
+                    self._head32[1].copy_(head.bias)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
         kw = {self._cache_kw: cache, "use_cache": True}
+        if self._head32 is not None:
+            h = self._body(input_ids=ids, attention_mask=mask.long(), position_ids=pos, **kw).last_hidden_state
+            return torch.nn.functional.linear(h[:, -1].float(), *self._head32)
         if self._keep_kw:
             kw[self._keep_kw] = 1
         out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, **kw)

@@ -158,7 +158,8 @@ class Trainer:
             self.method = dataclasses.replace(self.method, max_len_norm=self.max_new_tokens)
         # Built before the adapters are added: a bf16 engine keeps a plain copy and is pushed merged LoRA weights.
         self.engine = HFEngine(self.model, eos_token_id=_eos_ids(self.model, self.tok),
-                               pad_token_id=self.tok.pad_token_id, dtype=cfg.rollout_dtype)
+                               pad_token_id=self.tok.pad_token_id, dtype=cfg.rollout_dtype,
+                               fp32_head=cfg.rollout_fp32_head)
         if cfg.lora_rank:
             from dppo.lora import apply_lora
 
@@ -184,7 +185,7 @@ class Trainer:
         lora = (f", LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha or 2 * cfg.lora_rank:g} on {cfg.lora_target}"
                 if cfg.lora_rank else "")
         log(f"model {model_path} ({n_params / 1e6:.2f} M parameters, {self.n_trainable:,} trained{lora}), "
-            f"method {self.method.name}, rollout {cfg.rollout_dtype}, {cfg.prompts_per_step}×{cfg.group_size} "
+            f"method {self.method.name}, rollout {cfg.rollout_dtype}{' (fp32 head)' if cfg.rollout_fp32_head else ''}, {cfg.prompts_per_step}×{cfg.group_size} "
             f"responses/step, {cfg.minibatches} updates/step"
             + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
 
