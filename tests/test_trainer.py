@@ -196,3 +196,24 @@ def test_custom_reward_function(tmp_path, cache_dir, monkeypatch):
     rows = train(tiny_cfg(tmp_path / "cr", cache_dir, reward="my_rewards:contains_answer", steps=1, eval_every=0,
                           plot=False, tensorboard=False), log=lambda m: None)
     assert rows[-1]["reward"] >= rows[-1]["accuracy"]  # partial credit 0.5 for any digit
+
+
+@pytest.mark.parametrize("rollout_dtype", ["fp32", "bf16"])
+def test_pre_update_mismatch_isolates_the_engine(tmp_path, cache_dir, monkeypatch, rollout_dtype):
+    """mismatch/* is measured before the step's first update, so with an fp32 engine (same weights, same precision,
+    only KV-cache vs full-sequence kernels differ) it is ~0: the whole pipeline (temperature, position ids, response
+    offsets) lines up. A bf16 engine shows a real mismatch, and the all-updates |π−μ| includes the policy's drift."""
+    from dppo.trainer import train
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))  # partial credit: Â ≠ 0, π moves
+    rows = train(tiny_cfg(tmp_path / rollout_dtype, cache_dir, rollout_dtype=rollout_dtype, steps=2, eval_every=0,
+                          plot=False, tensorboard=False, lr=1e-2, reward="my_rewards:contains_answer"),
+                 log=lambda m: None)
+    for r in rows[1:]:
+        pre, dl, mx = r["mismatch/abs_diff_mean"], r["mismatch/abs_dlogp_mean"], r["mismatch/abs_diff_max"]
+        assert 0 <= pre <= mx
+        if rollout_dtype == "fp32":
+            assert dl < 1e-5 and mx < 1e-5, r
+            assert r["loss/abs_diff_mean"] > 100 * max(pre, 1e-7)  # later mini-batches see the updated policy
+        else:
+            assert 1e-6 < pre < 0.05 and dl > 1e-6, r  # fp32 gives ~1e-9

@@ -13,7 +13,8 @@ __all__ = ["plot_run"]
 PANELS = [
     ("reward / accuracy", [("reward", "train reward"), ("eval/accuracy", "held-out Avg@k"),
                            ("eval/greedy_accuracy", "held-out greedy")]),
-    ("mean |π−μ| (Fig. 3)", [("loss/abs_diff_mean", "mean |π−μ|")]),
+    ("mean |π−μ| (Fig. 3)", [("loss/abs_diff_mean", "all updates"),
+                             ("mismatch/abs_diff_mean", "before the first update")]),
     ("max / min (π−μ) (Fig. 3)", [("loss/diff_max", "max"), ("loss/diff_min", "min")]),
     ("masked fraction", [("loss/masked_frac_pos", "Â>0, π↑"), ("loss/masked_frac_neg", "Â<0, π↓")]),
     ("entropy", [("entropy", "entropy (nats)")]),

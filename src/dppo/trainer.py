@@ -251,8 +251,12 @@ class Trainer:
         count = 0
         ent_sum, ent_tok = 0.0, 0.0
         grad_norms = []
+        # π − μ on the first mini-batch, before this step's first update: the engine was synced to these very weights,
+        # so this is the training–inference mismatch alone (precision, kernels, and any misalignment bug between the
+        # two pipelines: wrong temperature, position ids, template), not the policy's drift over the updates.
+        pre = {"abs_diff_sum": 0.0, "abs_dlogp_sum": 0.0, "abs_diff_max": 0.0, "tokens": 0.0}
         mb_size = n // cfg.minibatches
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=shuffle)
             for k in range(cfg.minibatches):
                 mb = perm[k * mb_size: (k + 1) * mb_size]
@@ -281,6 +285,8 @@ class Trainer:
                             sums[key] = sums.get(key, 0.0) + v
                     count += 1
                     resp = ro.response_mask[idx]
+                    if epoch == 0 and k == 0:
+                        _accumulate_mismatch(pre, st.logp.detach(), ro.logp[idx], resp)
                     ent_sum += float((st.entropy.detach() * resp).sum())
                     ent_tok += float(resp.sum())
                 gn = torch.nn.utils.clip_grad_norm_(self.params,
@@ -310,6 +316,9 @@ class Trainer:
         }
         rec.update({f"loss/{k}": v / max(count, 1) for k, v in sums.items()})
         rec.update({f"loss/{k}": v for k, v in maxes.items()})
+        tok = max(pre["tokens"], 1.0)
+        rec.update({"mismatch/abs_diff_mean": pre["abs_diff_sum"] / tok, "mismatch/abs_diff_max": pre["abs_diff_max"],
+                    "mismatch/abs_dlogp_mean": pre["abs_dlogp_sum"] / tok})
         rec.update({
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "grad_norm_max": max(grad_norms),
@@ -374,6 +383,19 @@ def _check_resume(cfg: TrainConfig) -> None:
         lines = ", ".join(f"--{k} {old.get(k)!r} → {new[k]!r}" for k in diff)
         raise ConfigError(f"{cfg.out} holds a checkpoint of a run with other settings ({lines}); pass a new --out "
                           "directory, or the same settings to resume it")
+
+
+def _accumulate_mismatch(acc: dict, logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> None:
+    """Add one micro-batch's Σ|π−μ|, Σ|log π − log μ|, max |π−μ| and token count over response tokens to ``acc``."""
+    m = mask.bool()
+    lp, lmu = logp.float()[m], rollout_logp.float()[m]
+    if lp.numel() == 0:
+        return
+    d = (lp.exp() - lmu.exp()).abs()
+    acc["abs_diff_sum"] += float(d.sum())
+    acc["abs_dlogp_sum"] += float((lp - lmu).abs().sum())
+    acc["abs_diff_max"] = max(acc["abs_diff_max"], float(d.max()))
+    acc["tokens"] += float(m.sum())
 
 
 def _record_machine(run_dir: str, start: int, log) -> None:
