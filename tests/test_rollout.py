@@ -223,3 +223,27 @@ def test_fp32_head_refuses_a_model_that_rescales_its_logits(tiny):
         HFEngine(capped, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dtype="bf16", fp32_head=True)
     # with an fp32 engine there is nothing to do, so it is accepted (the engine shares the policy)
     assert HFEngine(capped, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, fp32_head=True).shared
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_softcapping", 50.0),
+                                          ("logits_scaling", 8.0), ("logit_scale", 0.0625)])
+def test_logit_transform_falls_back_to_the_logits_path(tiny, field, value):
+    """A model that changes its logits after the head (dppo.hf.logit_transform) is scored through model(...).logits,
+    never through h·Wᵀ: the trainer's hidden-state path and the rollout's fp32 head share that one rule."""
+    import copy
+
+    from dppo.model import decoder_and_head
+
+    tok, model, ids, mask = tiny
+    assert decoder_and_head(model) is not None
+    odd = copy.deepcopy(model)
+    setattr(odd.config, field, value)
+    assert decoder_and_head(odd) is None
+    calls = []
+    odd.register_forward_hook(lambda mod, inp, out: calls.append(out.logits.shape))
+    eng = HFEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ro = eng.generate(ids, mask, SamplingParams(4), num_samples=2, generator=torch.Generator().manual_seed(5))
+    st = response_stats(odd, ro.input_ids, ro.attention_mask, ro.response_ids, temperature=1.0)
+    assert calls, "the full causal-LM forward (logits path) was not used"
+    m = ro.response_mask
+    torch.testing.assert_close(st.logp[m], ro.logp[m], rtol=0, atol=1e-5)  # Qwen3 ignores the field: same π

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dppo.token_stats import TokenStats, token_stats
 
-__all__ = ["lm_head", "final_hidden_states", "causal_lm_token_stats"]
+__all__ = ["lm_head", "decoder", "logit_transform", "final_hidden_states", "causal_lm_token_stats"]
 
 # Config fields that change logits after the lm-head GEMM, with the value for which they are a no-op.
 _LOGIT_TRANSFORMS = {
@@ -29,16 +29,25 @@ _LOGIT_TRANSFORMS = {
 }
 
 
-def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """(weight [V, H], bias [V] or None) of ``model``'s output embedding; the tied embedding Parameter if tied."""
+def logit_transform(model: nn.Module) -> str | None:
+    """``"config.<field>=<value>"`` for the first config field by which ``model`` changes its logits after the
+    lm-head GEMM (soft-capping, scaling), or None when its logits are plain h·Wᵀ + b."""
     cfg = getattr(model, "config", None)
     for field, neutral in _LOGIT_TRANSFORMS.items():
         value = getattr(cfg, field, neutral)
         if value is not None and value != neutral:
-            raise NotImplementedError(
-                f"{type(model).__name__} applies config.{field}={value!r} to its logits after the lm-head; "
-                "token_stats assumes logits = h·Wᵀ + b"
-            )
+            return f"config.{field}={value!r}"
+    return None
+
+
+def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight [V, H], bias [V] or None) of ``model``'s output embedding; the tied embedding Parameter if tied."""
+    transform = logit_transform(model)
+    if transform is not None:
+        raise NotImplementedError(
+            f"{type(model).__name__} applies {transform} to its logits after the lm-head; "
+            "token_stats assumes logits = h·Wᵀ + b"
+        )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) with a weight; not a causal LM?")
@@ -46,21 +55,27 @@ def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return head.weight, bias if isinstance(bias, Tensor) else None
 
 
-def final_hidden_states(
-    model: nn.Module, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs: Any
-) -> Tensor:
-    """[B, T, H] output of the transformer body (after its final norm): the lm-head's input, no logits computed.
-
-    Runs ``model.get_decoder()`` (the ``base_model_prefix`` submodule, e.g. ``Qwen3Model``) instead of the full
-    causal-LM forward; extra ``kwargs`` (position_ids, inputs_embeds, ...) are passed through. Needs grad as usual.
-    """
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM (``get_decoder()``, else the ``base_model_prefix`` submodule, e.g.
+    ``Qwen3Model``): called like the model, it returns the final normed hidden states instead of logits."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     if body is None or body is model:
         body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if body is None:
         raise ValueError(f"cannot find the transformer body of {type(model).__name__} (get_decoder/base_model_prefix)")
+    return body
+
+
+def final_hidden_states(
+    model: nn.Module, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs: Any
+) -> Tensor:
+    """[B, T, H] output of the transformer body (after its final norm): the lm-head's input, no logits computed.
+
+    Runs :func:`decoder` instead of the full causal-LM forward; extra ``kwargs`` (position_ids, inputs_embeds, ...)
+    are passed through. Needs grad as usual.
+    """
     kwargs.setdefault("use_cache", False)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

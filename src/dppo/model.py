@@ -151,17 +151,17 @@ class ResponseStats:
 
 def decoder_and_head(model):
     """(decoder body returning final normed hidden states, lm-head Linear) or None when the model does anything to
-    its logits beyond ``h·Wᵀ + b`` that we cannot see (then the logits path is used)."""
+    its logits beyond ``h·Wᵀ + b`` (:func:`dppo.hf.logit_transform`: Gemma-style soft-capping, Cohere/Granite-style
+    scaling) or has no plain Linear head (then the logits path is used)."""
+    from dppo.hf import decoder, logit_transform
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    cfg = getattr(model, "config", None)
-    if head is None or body is None or not isinstance(head, torch.nn.Linear):
+    if not isinstance(head, torch.nn.Linear) or logit_transform(model) is not None:
         return None
-    # Gemma-2-style soft-capping / Cohere-style scaling change the logits after the head: use the logits path.
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(cfg, attr, None) not in (None, 1.0):
-            return None
-    return body, head
+    try:
+        return decoder(model), head
+    except ValueError:
+        return None
 
 
 def response_stats(
