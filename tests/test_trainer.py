@@ -43,8 +43,11 @@ def test_smoke_run(tmp_path, cache_dir):
     from dppo.trainer import train
 
     out = tmp_path / "run"
-    train(tiny_cfg(out, cache_dir), log=lambda m: None)
+    logged = []
+    train(tiny_cfg(out, cache_dir), log=logged.append)
     rows = read_metrics(str(out / "metrics.jsonl"))
+    a, b = rows[0]["eval/accuracy"], rows[3]["eval/accuracy"]
+    assert f"held-out accuracy {a:.3f} (step 0) → {b:.3f} (step 3)" in logged[-2]  # before the "curves:" line
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2] and "eval/accuracy" in rows[3]
     for r in rows[1:]:

@@ -37,7 +37,7 @@ from dppo.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_config
 from dppo.loss import policy_loss
 from dppo.machine import machine_info, machine_line
 from dppo.methods import PRESETS, Method
-from dppo.metrics_log import MetricsLog, summary_line
+from dppo.metrics_log import MetricsLog, read_metrics, summary_line
 from dppo.model import checkpointing_active, enable_gradient_checkpointing, load_model, response_stats
 from dppo.rollout import HFEngine, Rollout, SamplingParams, encode_prompts
 from dppo.tasks import Task, make_task
@@ -398,6 +398,19 @@ def _accumulate_mismatch(acc: dict, logp: torch.Tensor, rollout_logp: torch.Tens
     acc["tokens"] += float(m.sum())
 
 
+def eval_summary(rows: list[dict]) -> str | None:
+    """``held-out accuracy 0.504 (step 0) → 0.779 (step 200); greedy 0.667 → 0.875`` from a run's metric records
+    (the whole metrics.jsonl, so a resumed run reports from its true start); None without two evaluations."""
+    ev = [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
+    if len(ev) < 2:
+        return None
+    a, b = ev[0], ev[-1]
+    out = f"held-out accuracy {a['eval/accuracy']:.3f} (step {a['step']}) → {b['eval/accuracy']:.3f} (step {b['step']})"
+    if "eval/greedy_accuracy" in a and "eval/greedy_accuracy" in b:
+        out += f"; greedy {a['eval/greedy_accuracy']:.3f} → {b['eval/greedy_accuracy']:.3f}"
+    return out
+
+
 def _record_machine(run_dir: str, start: int, log) -> None:
     """Append this start's machine to ``RUN/machine.jsonl`` (one line per start or resume): figures from different
     CPUs differ for the same seed, so a run must say where each of its parts ran."""
@@ -471,6 +484,9 @@ def train(cfg: TrainConfig, log=None) -> list[dict]:
         mlog.close()
     if start < cfg.steps:
         trainer.save_final(os.path.join(cfg.out, "final"))
+        summary = eval_summary(read_metrics(os.path.join(cfg.out, "metrics.jsonl")))
+        if summary:
+            log(summary)
     if cfg.plot:
         try:
             from dppo.plot import plot_run
