@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dppo import PRESETS, Method, policy_loss
-from dppo.loss import METRIC_KEYS, aggregate
+from dppo.loss import METRIC_KEYS, aggregate, aggregation_denominator
 
 ANCHORS = [0.05, 0.3, 0.6, 0.95]
 PIS = [0.001, 0.02, 0.1, 0.25, 0.29, 0.31, 0.5, 0.59, 0.61, 0.8, 0.94, 0.96, 0.999]
@@ -173,6 +173,63 @@ def test_aggregations_by_hand():
     assert aggregate(loss, m, "sum").item() == pytest.approx(7.0)
     m2 = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)  # an empty sequence is not averaged in
     assert aggregate(loss, m2, "seq-mean-token-mean").item() == pytest.approx(1.5)
+
+
+def test_aggregation_denominators_by_hand():
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    assert aggregation_denominator(m, "token-mean").item() == 3.0
+    assert aggregation_denominator(m, "seq-mean-token-mean").item() == 2.0  # the empty row is not counted
+    assert aggregation_denominator(m, "seq-mean-token-sum-norm").item() == 3 * 3
+    assert aggregation_denominator(m, "seq-mean-token-sum-norm", max_len_norm=10).item() == 30.0
+    assert aggregation_denominator(m, "sum").item() == 1.0
+    assert aggregation_denominator(torch.zeros(2, 3, dtype=torch.bool), "token-mean").item() == 1.0  # never 0
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregation_denominator(m, "mean")
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum"])
+@pytest.mark.parametrize("preset", ["dppo-binary-tv", "grpo", "cispo", "drpo", "trm", "dppo-topk-kl"])
+def test_micro_batches_with_the_minibatch_denominator_sum_to_the_minibatch_gradient(aggregation, preset):
+    """Gradient accumulation is exact: Σ over micro-batches of ∇ policy_loss(micro, denominator=D(mini)) equals
+    ∇ policy_loss(mini) (fp64, to rounding), for uneven response lengths, an empty response, every aggregation. The
+    old |micro|/|mini| weighting of each micro-batch's own mean is not, for the two means (checked too)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, K = 8, 7, 4
+    method = dataclasses.replace(PRESETS[preset], aggregation=aggregation)
+    lmu = torch.log(torch.rand(B, T, generator=g, dtype=torch.float64) * 0.9 + 0.05)
+    lp0 = lmu + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    lp0 = torch.minimum(lp0, torch.full_like(lp0, -1e-3))
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    lens = torch.tensor([7, 1, 3, 0, 5, 2, 6, 4])
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    topk = {}
+    if method.estimator.startswith("topk"):
+        top_mu = torch.log(torch.rand(B, T, K, generator=g, dtype=torch.float64) * 0.05 + 0.01)
+        topk = dict(topk_logp=top_mu + 0.1 * torch.randn(B, T, K, generator=g, dtype=torch.float64),
+                    rollout_topk_logp=top_mu, sampled_in_topk=torch.zeros(B, T, dtype=torch.bool))
+
+    def grad(rows, **kw):
+        lp = lp0.clone().requires_grad_()
+        sub = {k: v[rows] for k, v in topk.items()}
+        loss, _ = policy_loss(method, lp[rows], lmu[rows], adv[rows], mask[rows], **sub, **kw)
+        loss.backward()
+        return lp.grad, loss.detach()
+
+    full_g, full_loss = grad(torch.arange(B))
+    den = aggregation_denominator(mask, aggregation)
+    parts = [grad(rows, denominator=den) for rows in torch.arange(B).chunk(4)]
+    torch.testing.assert_close(sum(p[0] for p in parts), full_g, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sum(p[1] for p in parts), full_loss, rtol=0, atol=1e-12)
+    if aggregation in ("token-mean", "seq-mean-token-mean") and full_g.abs().max() > 0:
+        weighted = sum(grad(rows)[0] * (len(rows) / B) for rows in torch.arange(B).chunk(4))
+        assert (weighted - full_g).abs().max() > 1e-6  # what the denominator fixes
+
+
+def test_bad_denominator_is_named():
+    lp = torch.log(torch.full((2, 3), 0.5))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="denominator must be a finite number > 0"):
+            policy_loss("grpo", lp, lp, torch.ones(2), torch.ones(2, 3, dtype=torch.bool), denominator=bad)
 
 
 def test_metrics_by_hand():

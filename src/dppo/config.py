@@ -95,8 +95,9 @@ class TrainConfig:
     minibatches: int = opt(4, "optimizer steps per rollout batch: the batch is split into this many mini-batches "
                            "(paper: 4 gradient steps per batch, §5.1)")
     epochs: int = opt(1, "passes over each rollout batch")
-    micro_batch_size: int = opt(0, "responses per forward/backward (gradient accumulation within a mini-batch; "
-                                "0 = the whole mini-batch)")
+    micro_batch_size: int = opt(0, "responses per forward/backward (gradient accumulation within a mini-batch, "
+                                "exact for every aggregation: each micro-batch loss is divided by the mini-batch's "
+                                "denominator; 0 = the whole mini-batch)")
     train_dtype: str = opt("fp32", "training forward precision (bf16 = autocast)", ("fp32", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward instead "
                                        "of keeping them (non-reentrant): less activation memory for one more forward "

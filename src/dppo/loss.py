@@ -39,7 +39,7 @@ from dppo._checks import check_float, check_logp, check_same_shape, check_tensor
 from dppo.methods import Method, get_method
 from dppo.trust_region import dppo_mask, ratio_mask, sequence_mask
 
-__all__ = ["policy_loss", "aggregate", "METRIC_KEYS"]
+__all__ = ["policy_loss", "aggregate", "aggregation_denominator", "METRIC_KEYS"]
 
 # exp(20) ≈ 4.9e8: keeps r finite in fp32 whatever the log-ratio (Stable-RL clamps the log-ratio at 20 as well).
 MAX_LOG_RATIO = 20.0
@@ -50,32 +50,57 @@ METRIC_KEYS = (
 )
 
 
-def aggregate(token_loss: Tensor, response_mask: Tensor, mode: str, max_len_norm: int | None = None) -> Tensor:
-    """Reduce [B, T] token losses to a scalar (verl's ``agg_loss`` modes).
+def aggregation_denominator(
+    response_mask: Tensor, mode: str, max_len_norm: int | None = None
+) -> Tensor:
+    """The denominator of :func:`aggregate` for a batch (0-dim fp32 tensor): Σ m (token-mean), the number of
+    sequences with ≥ 1 token (seq-mean-token-mean), B·L (seq-mean-token-sum-norm), 1 (sum); at least 1.
+
+    Gradient accumulation: compute it once on the whole mini-batch's mask and pass it as ``denominator`` to the loss
+    of every micro-batch; the micro-batch losses then sum to the mini-batch loss exactly, in every mode (weighting
+    micro-batch means by their share of sequences is exact only for the modes with a constant denominator)."""
+    m = response_mask.float()
+    if mode == "token-mean":
+        den = m.sum()
+    elif mode == "seq-mean-token-mean":
+        den = (m.sum(dim=-1) > 0).float().sum()
+    elif mode == "seq-mean-token-sum-norm":
+        length = max_len_norm if max_len_norm is not None else m.shape[-1]
+        den = torch.tensor(float(m.shape[0] * max(length, 1)), device=m.device)
+    elif mode == "sum":
+        den = torch.ones((), device=m.device)
+    else:
+        raise ValueError(f"unknown aggregation {mode!r}")
+    return den.clamp(min=1.0)
+
+
+def aggregate(
+    token_loss: Tensor, response_mask: Tensor, mode: str, max_len_norm: int | None = None,
+    denominator: Tensor | float | None = None,
+) -> Tensor:
+    """Reduce [B, T] token losses to a scalar (verl's ``agg_loss`` modes), numerator / denominator:
 
     * ``"token-mean"``:  Σ_{b,t} ℓ·m / Σ_{b,t} m  (DAPO; every token of the batch weighs the same)
-    * ``"seq-mean-token-mean"``: mean over sequences with ≥ 1 token of (Σ_t ℓ·m / Σ_t m)  (original GRPO)
+    * ``"seq-mean-token-mean"``: Σ_b (Σ_t ℓ·m / Σ_t m) / #{b : Σ_t m > 0}  (original GRPO)
     * ``"seq-mean-token-sum-norm"``: Σ_{b,t} ℓ·m / (B · L), L = ``max_len_norm`` or T  (Dr.GRPO; the paper's
       authors' setup, paper-notes §2)
     * ``"sum"``: Σ_{b,t} ℓ·m
 
-    An all-masked batch gives 0 with a finite (zero) gradient.
+    ``denominator``: None = this batch's own (:func:`aggregation_denominator`); a micro-batch of a larger batch
+    passes the whole batch's, so that the micro-batch losses add up to the batch loss. An all-masked batch gives 0
+    with a finite (zero) gradient.
     """
     m = response_mask.to(token_loss.dtype)
     masked = token_loss * m
-    if mode == "token-mean":
-        return masked.sum() / m.sum().clamp(min=1.0)
     if mode == "seq-mean-token-mean":
-        per_seq_tokens = m.sum(dim=-1)
-        has = (per_seq_tokens > 0).to(token_loss.dtype)
-        per_seq = masked.sum(dim=-1) / per_seq_tokens.clamp(min=1.0)
-        return (per_seq * has).sum() / has.sum().clamp(min=1.0)
-    if mode == "seq-mean-token-sum-norm":
-        length = max_len_norm if max_len_norm is not None else token_loss.shape[-1]
-        return masked.sum() / (token_loss.shape[0] * max(length, 1))
-    if mode == "sum":
-        return masked.sum()
-    raise ValueError(f"unknown aggregation {mode!r}")
+        numerator = (masked.sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)).sum()  # empty rows add 0
+    elif mode in ("token-mean", "seq-mean-token-sum-norm", "sum"):
+        numerator = masked.sum()
+    else:
+        raise ValueError(f"unknown aggregation {mode!r}")
+    if denominator is None:
+        denominator = aggregation_denominator(response_mask, mode, max_len_norm)
+    return numerator / denominator
 
 
 def _estimate(
@@ -162,6 +187,7 @@ def policy_loss(
     topk_logp: Tensor | None = None,
     rollout_topk_logp: Tensor | None = None,
     sampled_in_topk: Tensor | None = None,
+    denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy loss of ``method`` on one batch (Eq. 23; module docstring for the steps and the metric glossary).
 
@@ -176,11 +202,19 @@ def policy_loss(
         topk_logp: [B, T, K] log π_θ at the rollout's top-K ids; rollout_topk_logp: [B, T, K] log μ at those ids;
             sampled_in_topk: [B, T] bool. Needed by top-K estimators. Only used for the mask (no gradient flows
             through them).
+        denominator: for gradient accumulation, the aggregation denominator of the whole mini-batch this call sees
+            a micro-batch of (:func:`aggregation_denominator` on its response mask); the micro-batch losses then sum
+            to the mini-batch loss exactly. None = this batch's own. Metrics stay per call.
     Returns:
         (loss, metrics): a 0-dim float32 tensor (float64 for float64 ``logp``) to call ``.backward()`` on, and a dict of floats (glossary above).
     """
     m = get_method(method)
     _validate(m, logp, rollout_logp, advantages, response_mask, old_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
+    if denominator is not None:
+        den = float(denominator)
+        if not (math.isfinite(den) and den > 0):
+            raise ValueError(f"denominator must be a finite number > 0 (the mini-batch's aggregation_denominator), "
+                             f"got {den}")
 
     resp = response_mask.bool()
     # fp32 at least (bf16/fp16 inputs are upcast); float64 inputs stay float64 so gradcheck can verify the paths.
@@ -239,7 +273,7 @@ def policy_loss(
         penalty = adv.abs() * torch.exp(anchor) * (r_anchor - 1.0) ** 2 / (2.0 * m.drpo_delta)
         token_loss = (-adv * r_anchor + penalty) * keep
 
-    loss = aggregate(token_loss, resp, m.aggregation, m.max_len_norm)
+    loss = aggregate(token_loss, resp, m.aggregation, m.max_len_norm, denominator)
     metrics = _metrics(loss, lp_d, lmu, anchor, adv, resp, estimate, token_mask, seq_keep, ratio, m.ratio_cap)
     return loss, metrics
 

@@ -34,7 +34,7 @@ import torch
 from dppo.advantages import group_advantages
 from dppo.checkpoint import load_checkpoint, save_checkpoint
 from dppo.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_config, save_config, validate
-from dppo.loss import policy_loss
+from dppo.loss import aggregation_denominator, policy_loss
 from dppo.machine import machine_info, machine_line
 from dppo.methods import PRESETS, Method
 from dppo.metrics_log import MetricsLog, read_metrics, summary_line
@@ -246,11 +246,10 @@ class Trainer:
         # 4. several updates per batch over shuffled mini-batches, each the policy loss of Eq. 23
         t2 = time.perf_counter()
         shuffle = torch.Generator().manual_seed(_seed_of(cfg.seed, "shuffle", step))
-        sums: dict[str, float] = {}
-        maxes: dict[str, float] = {}
-        count = 0
+        loss_metrics = _LossMetrics()
         ent_sum, ent_tok = 0.0, 0.0
         grad_norms = []
+        loss_sum = 0.0  # Σ over mini-batches of the mini-batch loss (= Σ of its micro-batch losses)
         # π − μ on the first mini-batch, before this step's first update: the engine was synced to these very weights,
         # so this is the training–inference mismatch alone (precision, kernels, and any misalignment bug between the
         # two pipelines: wrong temperature, position ids, template), not the policy's drift over the updates.
@@ -261,6 +260,9 @@ class Trainer:
             for k in range(cfg.minibatches):
                 mb = perm[k * mb_size: (k + 1) * mb_size]
                 self.optimizer.zero_grad(set_to_none=True)
+                # the mini-batch's aggregation denominator for every micro-batch: their losses sum to its loss exactly
+                den = aggregation_denominator(ro.response_mask[mb], m.aggregation, m.max_len_norm)
+                mb_loss = 0.0
                 for idx in self._chunks(mb):
                     st = self._stats(ro, idx, grad=True)
                     sampled_in = ro.sampled_in_topk[idx] if st.gathered_logp is not None else None
@@ -269,22 +271,14 @@ class Trainer:
                         old_logp=old_logp[idx] if old_logp is not None else None,
                         topk_logp=st.gathered_logp,
                         rollout_topk_logp=ro.topk_logp[idx] if st.gathered_logp is not None else None,
-                        sampled_in_topk=sampled_in,
+                        sampled_in_topk=sampled_in, denominator=den,
                     )
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"loss is {loss.item()} at step {step + 1} (mini-batch {k + 1})")
-                    # micro-batches of a mini-batch: weights |micro|/|mini| make the sum equal the mini-batch loss
-                    # exactly for "seq-mean-token-sum-norm" (fixed L) and "sum"; approximately for the token means.
-                    (loss * (len(idx) / len(mb))).backward()
-                    for key, v in met.items():
-                        if key.endswith("_max") or key == "diff_max":
-                            maxes[key] = max(maxes.get(key, -math.inf), v)
-                        elif key.endswith("_min") or key == "diff_min":
-                            maxes[key] = min(maxes.get(key, math.inf), v)
-                        else:
-                            sums[key] = sums.get(key, 0.0) + v
-                    count += 1
+                    loss.backward()
+                    mb_loss += float(loss.detach())
                     resp = ro.response_mask[idx]
+                    loss_metrics.add(met, n_seqs=float((resp.sum(-1) > 0).sum()))
                     if epoch == 0 and k == 0:
                         _accumulate_mismatch(pre, st.logp.detach(), ro.logp[idx], resp)
                     ent_sum += float((st.entropy.detach() * resp).sum())
@@ -294,6 +288,7 @@ class Trainer:
                 if not torch.isfinite(gn):
                     raise NonFiniteError(f"gradient norm is {gn.item()} at step {step + 1} (mini-batch {k + 1})")
                 grad_norms.append(float(gn))
+                loss_sum += mb_loss
                 self.optimizer.step()
                 self.scheduler.step()
         t_train = time.perf_counter() - t2
@@ -314,8 +309,8 @@ class Trainer:
             "entropy": ent_sum / max(ent_tok, 1.0),
             "adv_abs_mean": float(adv.abs().mean()),
         }
-        rec.update({f"loss/{k}": v / max(count, 1) for k, v in sums.items()})
-        rec.update({f"loss/{k}": v for k, v in maxes.items()})
+        rec.update({f"loss/{k}": v for k, v in loss_metrics.result(n_updates=len(grad_norms)).items()})
+        rec["loss/loss"] = loss_sum / max(len(grad_norms), 1)
         tok = max(pre["tokens"], 1.0)
         rec.update({"mismatch/abs_diff_mean": pre["abs_diff_sum"] / tok, "mismatch/abs_diff_max": pre["abs_diff_max"],
                     "mismatch/abs_dlogp_mean": pre["abs_dlogp_sum"] / tok})
@@ -383,6 +378,39 @@ def _check_resume(cfg: TrainConfig) -> None:
         lines = ", ".join(f"--{k} {old.get(k)!r} → {new[k]!r}" for k in diff)
         raise ConfigError(f"{cfg.out} holds a checkpoint of a run with other settings ({lines}); pass a new --out "
                           "directory, or the same settings to resume it")
+
+
+class _LossMetrics:
+    """policy_loss metrics of one step, pooled over its micro-batches so that they do not depend on how a mini-batch
+    is split: token means weighted by tokens, seq_masked_frac by sequences, max/min over all, ``tokens`` per update.
+    (The loss itself is pooled by the caller: micro-batch losses add up to the mini-batch loss.)"""
+
+    def __init__(self):
+        self.wsum: dict[str, float] = {}
+        self.wden: dict[str, float] = {}
+        self.extremes: dict[str, float] = {}
+        self.tokens = 0.0
+
+    def add(self, met: dict[str, float], *, n_seqs: float) -> None:
+        tok = met["tokens"]
+        self.tokens += tok
+        for key, v in met.items():
+            if key in ("loss", "tokens"):
+                continue
+            if key.endswith("_max"):
+                self.extremes[key] = max(self.extremes.get(key, -math.inf), v)
+            elif key.endswith("_min"):
+                self.extremes[key] = min(self.extremes.get(key, math.inf), v)
+            else:
+                w = n_seqs if key == "seq_masked_frac" else tok
+                self.wsum[key] = self.wsum.get(key, 0.0) + v * w
+                self.wden[key] = self.wden.get(key, 0.0) + w
+
+    def result(self, *, n_updates: int) -> dict[str, float]:
+        out = {k: self.wsum[k] / self.wden[k] if self.wden[k] > 0 else 0.0 for k in self.wsum}
+        out.update(self.extremes)
+        out["tokens"] = self.tokens / max(n_updates, 1)
+        return out
 
 
 def _accumulate_mismatch(acc: dict, logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> None:
