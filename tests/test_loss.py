@@ -244,6 +244,7 @@ def test_metrics_by_hand():
     assert met["abs_diff_mean"] == pytest.approx((0.3 + 0.4 + 0.05) / 3, rel=1e-5)
     assert met["abs_diff_max"] == pytest.approx(0.4, rel=1e-5)
     assert met["abs_diff_min"] == pytest.approx(0.05, rel=1e-4)
+    assert met["abs_dlogp_mean"] == pytest.approx((math.log(1.6) + math.log(5) + math.log(1.1)) / 3, rel=1e-5)
     assert met["diff_max"] == pytest.approx(0.3, rel=1e-5)
     assert met["diff_min"] == pytest.approx(-0.4, rel=1e-5)
     assert met["masked_frac"] == pytest.approx(2 / 3)

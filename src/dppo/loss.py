@@ -16,6 +16,7 @@ Glossary of the returned metrics (floats; means over response tokens unless stat
     abs_diff_mean      mean |π(a_t) − μ(a_t)|    — the paper's "Mean of |π − μ|" mismatch metric (Fig. 3)
     abs_diff_max       max |π − μ|
     abs_diff_min       min |π − μ|
+    abs_dlogp_mean     mean |log π(a_t) − log μ(a_t)|  (open-instruct's vllm_vs_local_logprob_diff_mean)
     diff_max, diff_min max / min of the signed π − μ (Fig. 3, "Max & Min")
     div_mean, div_max  mean / max of the estimate the token mask thresholds (for "ratio": |r_anchor − 1|; for
                        "none": Binary-TV against the anchor, as a diagnostic)
@@ -45,8 +46,8 @@ __all__ = ["policy_loss", "aggregate", "aggregation_denominator", "METRIC_KEYS"]
 MAX_LOG_RATIO = 20.0
 
 METRIC_KEYS = (
-    "loss", "tokens", "abs_diff_mean", "abs_diff_max", "abs_diff_min", "diff_max", "diff_min", "div_mean", "div_max",
-    "masked_frac", "masked_frac_pos", "masked_frac_neg", "ratio_mean", "ratio_max", "capped_frac", "seq_masked_frac",
+    "loss", "tokens", "abs_diff_mean", "abs_diff_max", "abs_diff_min", "abs_dlogp_mean", "diff_max", "diff_min",
+    "div_mean", "div_max", "masked_frac", "masked_frac_pos", "masked_frac_neg", "ratio_mean", "ratio_max", "capped_frac", "seq_masked_frac",
 )
 
 
@@ -304,7 +305,7 @@ def _metrics(
         vals = torch.stack([
             loss.detach().float(),
             n.float(),
-            mean(absdiff), ext(absdiff, True), ext(absdiff, False),
+            mean(absdiff), ext(absdiff, True), ext(absdiff, False), mean((lp - lmu).abs()),
             ext(diff, True), ext(diff, False),
             mean(estimate), ext(estimate, True),
             mean(masked), mean(masked & (adv > 0) & up), mean(masked & (adv < 0) & ~up),

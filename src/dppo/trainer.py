@@ -184,8 +184,9 @@ class Trainer:
         self.n_trainable = sum(p.numel() for p in self.params)
         lora = (f", LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha or 2 * cfg.lora_rank:g} on {cfg.lora_target}"
                 if cfg.lora_rank else "")
+        head32 = " (fp32 head)" if cfg.rollout_fp32_head else ""
         log(f"model {model_path} ({n_params / 1e6:.2f} M parameters, {self.n_trainable:,} trained{lora}), "
-            f"method {self.method.name}, rollout {cfg.rollout_dtype}{' (fp32 head)' if cfg.rollout_fp32_head else ''}, {cfg.prompts_per_step}×{cfg.group_size} "
+            f"method {self.method.name}, rollout {cfg.rollout_dtype}{head32}, {cfg.prompts_per_step}×{cfg.group_size} "
             f"responses/step, {cfg.minibatches} updates/step"
             + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
 
@@ -250,10 +251,10 @@ class Trainer:
         ent_sum, ent_tok = 0.0, 0.0
         grad_norms = []
         loss_sum = 0.0  # Σ over mini-batches of the mini-batch loss (= Σ of its micro-batch losses)
-        # π − μ on the first mini-batch, before this step's first update: the engine was synced to these very weights,
-        # so this is the training–inference mismatch alone (precision, kernels, and any misalignment bug between the
-        # two pipelines: wrong temperature, position ids, template), not the policy's drift over the updates.
-        pre = {"abs_diff_sum": 0.0, "abs_dlogp_sum": 0.0, "abs_diff_max": 0.0, "tokens": 0.0}
+        # The first mini-batch's metrics again, alone: it runs before this step's first update, with the weights the
+        # engine was synced to, so its π − μ is the training–inference mismatch alone (precision, kernels, and any
+        # misalignment bug between the two pipelines: temperature, position ids, template), without policy drift.
+        first_metrics = _LossMetrics()
         mb_size = n // cfg.minibatches
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=shuffle)
@@ -278,9 +279,10 @@ class Trainer:
                     loss.backward()
                     mb_loss += float(loss.detach())
                     resp = ro.response_mask[idx]
-                    loss_metrics.add(met, n_seqs=float((resp.sum(-1) > 0).sum()))
+                    n_seqs = float((resp.sum(-1) > 0).sum())
+                    loss_metrics.add(met, n_seqs=n_seqs)
                     if epoch == 0 and k == 0:
-                        _accumulate_mismatch(pre, st.logp.detach(), ro.logp[idx], resp)
+                        first_metrics.add(met, n_seqs=n_seqs)
                     ent_sum += float((st.entropy.detach() * resp).sum())
                     ent_tok += float(resp.sum())
                 gn = torch.nn.utils.clip_grad_norm_(self.params,
@@ -311,9 +313,8 @@ class Trainer:
         }
         rec.update({f"loss/{k}": v for k, v in loss_metrics.result(n_updates=len(grad_norms)).items()})
         rec["loss/loss"] = loss_sum / max(len(grad_norms), 1)
-        tok = max(pre["tokens"], 1.0)
-        rec.update({"mismatch/abs_diff_mean": pre["abs_diff_sum"] / tok, "mismatch/abs_diff_max": pre["abs_diff_max"],
-                    "mismatch/abs_dlogp_mean": pre["abs_dlogp_sum"] / tok})
+        first = first_metrics.result(n_updates=1)
+        rec.update({f"mismatch/{k}": first[k] for k in ("abs_diff_mean", "abs_diff_max", "abs_dlogp_mean")})
         rec.update({
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "grad_norm_max": max(grad_norms),
@@ -411,19 +412,6 @@ class _LossMetrics:
         out.update(self.extremes)
         out["tokens"] = self.tokens / max(n_updates, 1)
         return out
-
-
-def _accumulate_mismatch(acc: dict, logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> None:
-    """Add one micro-batch's Σ|π−μ|, Σ|log π − log μ|, max |π−μ| and token count over response tokens to ``acc``."""
-    m = mask.bool()
-    lp, lmu = logp.float()[m], rollout_logp.float()[m]
-    if lp.numel() == 0:
-        return
-    d = (lp.exp() - lmu.exp()).abs()
-    acc["abs_diff_sum"] += float(d.sum())
-    acc["abs_dlogp_sum"] += float((lp - lmu).abs().sum())
-    acc["abs_diff_max"] = max(acc["abs_diff_max"], float(d.max()))
-    acc["tokens"] += float(m.sum())
 
 
 def eval_summary(rows: list[dict]) -> str | None:
