@@ -65,5 +65,6 @@ def machine_line(info: dict) -> str:
     mem = f", {info['mem_gib']:g} GiB" if info.get("mem_gib") is not None else ""
     gpu = ", ".join(info["gpus"]) if info.get("gpus") else "no GPU"
     pkgs = ", ".join(f"{p} {info[p]}" for p in _PACKAGES if p in info)
-    return (f"{info['cpu']}{flags}, {info['cpu_count']} cores{mem}, {info['torch_threads']} threads, {gpu}; "
+    threads = f"{info['torch_threads']} thread{'s' if info['torch_threads'] != 1 else ''}"
+    return (f"{info['cpu']}{flags}, {info['cpu_count']} cores{mem}, {threads}, {gpu}; "
             f"{pkgs}; Python {info['python']}")
