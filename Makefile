@@ -24,6 +24,7 @@ bench:
 	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/rollout_precision.py
+	$(PY) benchmarks/train_memory.py
 
 clean:
 	rm -rf .venv runs .pytest_cache .hypothesis
