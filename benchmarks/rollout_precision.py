@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "rollout_precision.json"
 def wide_vocab_model(vocab: int = 32_768, logit_std: float = 4.0):
     torch.manual_seed(0)
     model = build_tiny_model(vocab, hidden_size=128, num_layers=2, num_heads=4).eval()
-    # An untied head with logit std ≈ logit_std (the final RMSNorm output has norm ≈ √H): tied to the embedding, the
+    # An untied head with logit std ≈ logit_std (the final RMSNorm output has norm ≈ √H). Tied to the embedding, the
     # residual stream would make every position predict its own input token with p ≈ 1.
     h = model.config.hidden_size
     model.config.tie_word_embeddings = False
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, mdl, ids, mask, eos, pad, n_new in cases:
         for dtype in ("bf16", "fp16"):
             for fh in (False, True):
-                r = dict(model=name, vocab=mdl.config.vocab_size, **mismatch(mdl, ids, mask, eos, pad, dtype, fh, n_new))
+                m = mismatch(mdl, ids, mask, eos, pad, dtype, fh, n_new)
+                r = dict(model=name, vocab=mdl.config.vocab_size, **m)
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
     info = machine_info()

@@ -82,7 +82,8 @@ def child(extra: str, steps: int, model_args: str) -> dict:
     return dict(options=extra, params=sum(p.numel() for p in t.model.parameters()), trained=t.n_trainable,
                 saved_for_backward_mb=saved_mb,
                 rss_before_mb=rss0 / 1024, peak_delta_mb=(peak - rss0) / 1024, grad_mb=grads / 2**20,
-                adam_mb=adam / 2**20, s_per_step_mmap_malloc=(time.perf_counter() - t0) / steps, tokens_per_step=tokens / steps)
+                adam_mb=adam / 2**20, s_per_step_mmap_malloc=(time.perf_counter() - t0) / steps,
+                tokens_per_step=tokens / steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,6 @@ from dppo.loss import aggregate, aggregation_denominator, policy_loss
 from dppo.methods import PRESETS, Method, get_method
 from dppo.token_stats import TokenStats, token_stats, token_stats_from_logits
 
-__all__ = ["Method", "PRESETS", "get_method", "policy_loss", "aggregate", "aggregation_denominator", "group_advantages", "TokenStats", "token_stats",
-           "token_stats_from_logits"]
+__all__ = ["Method", "PRESETS", "get_method", "policy_loss", "aggregate", "aggregation_denominator", "group_advantages",
+           "TokenStats", "token_stats", "token_stats_from_logits"]
 __version__ = "0.1.0"

@@ -314,8 +314,8 @@ def write_report(out: Path, runs: dict[str, dict[int, list[dict]]], *, title: st
     if notes:
         md += [notes, ""]
     (out / "report.md").write_text("\n".join(md))
-    (out / "summary.json").write_text(json.dumps(dict(summary=summary, command=command, wall_s=wall_s, machine=machine), indent=1,
-                                                 default=str))
+    (out / "summary.json").write_text(json.dumps(dict(summary=summary, command=command, wall_s=wall_s,
+                                                      machine=machine), indent=1, default=str))
     return summary
 
 

@@ -47,13 +47,12 @@ MAX_LOG_RATIO = 20.0
 
 METRIC_KEYS = (
     "loss", "tokens", "abs_diff_mean", "abs_diff_max", "abs_diff_min", "abs_dlogp_mean", "diff_max", "diff_min",
-    "div_mean", "div_max", "masked_frac", "masked_frac_pos", "masked_frac_neg", "ratio_mean", "ratio_max", "capped_frac", "seq_masked_frac",
+    "div_mean", "div_max", "masked_frac", "masked_frac_pos", "masked_frac_neg", "ratio_mean", "ratio_max",
+    "capped_frac", "seq_masked_frac",
 )
 
 
-def aggregation_denominator(
-    response_mask: Tensor, mode: str, max_len_norm: int | None = None
-) -> Tensor:
+def aggregation_denominator(response_mask: Tensor, mode: str, max_len_norm: int | None = None) -> Tensor:
     """The denominator of :func:`aggregate` for a batch (0-dim fp32 tensor): Σ m (token-mean), the number of
     sequences with ≥ 1 token (seq-mean-token-mean), B·L (seq-mean-token-sum-norm), 1 (sum); at least 1.
 
