@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_peft_model", "apply_lora", "lora_targets", "merged_named_parameters", "load_merged", "ADAPTER"]
+__all__ = ["is_peft_model", "base_model", "apply_lora", "lora_targets", "merged_named_parameters", "load_merged", "ADAPTER"]
 
 ADAPTER = "default"  # peft's name of the one adapter
 
@@ -25,6 +25,12 @@ ADAPTER = "default"  # peft's name of the one adapter
 def is_peft_model(model: nn.Module) -> bool:
     """True for a ``peft.PeftModel`` (checked without importing peft)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The plain transformers model under a peft wrapper, or ``model`` itself (no adapters). Its lm head is the
+    policy's: :func:`apply_lora` never adapts the head."""
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def lora_targets(spec: str) -> str | list[str]:

@@ -99,7 +99,9 @@ def enable_gradient_checkpointing(model) -> list[torch.nn.Module]:
     that requires grad, so the hook on the embedding output that transformers adds for the reentrant variant (and
     peft asks for) is removed: with LoRA it would only make the backward run into the frozen embedding for nothing.
     """
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    from dppo.lora import base_model
+
+    base = base_model(model)
     kw = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; gradient_* is its deprecated alias
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)

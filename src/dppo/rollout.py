@@ -37,6 +37,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from dppo.hf import lm_head
+from dppo.lora import base_model
 from dppo.model import DTYPES, decoder_and_head, position_ids_from_mask
 
 __all__ = ["SamplingParams", "Rollout", "RolloutEngine", "HFEngine", "sampling_logprobs", "encode_prompts"]
@@ -150,11 +152,6 @@ def encode_prompts(tokenizer, prompts: list[str], use_chat_template: bool, devic
     return ids.to(device), mask.to(device)
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain transformers model under a peft wrapper (the lm head is never LoRA-adapted, ``dppo.lora``)."""
-    return model.get_base_model() if hasattr(model, "peft_config") else model
-
-
 def _new_cache(model):
     from transformers import DynamicCache
 
@@ -202,9 +199,7 @@ class HFEngine(RolloutEngine):
                 raise ValueError(f"fp32_head: {type(self.model).__name__} changes its logits after the lm head "
                                  "(soft-capping or scaling) or has no plain Linear head; use fp32_head=False")
             self._body = parts[0]
-            head = model.get_output_embeddings()
-            self._head32 = [head.weight.detach().float().clone(),
-                            head.bias.detach().float().clone() if head.bias is not None else None]
+            self._head32 = [None if t is None else t.detach().float().clone() for t in lm_head(model)]
         eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         self.eos = torch.tensor(sorted(set(int(e) for e in eos if e is not None)), dtype=torch.long)
         self.pad = int(pad_token_id)
@@ -227,10 +222,9 @@ class HFEngine(RolloutEngine):
                 for dst, src in zip(self.model.parameters(), policy.parameters()):
                     dst.copy_(src)  # cast to the engine dtype
             if self._head32 is not None:  # from the policy's (fp32) head itself, not from the rounded engine copy
-                head = _base(policy).get_output_embeddings()
-                self._head32[0].copy_(head.weight)
-                if head.bias is not None:
-                    self._head32[1].copy_(head.bias)
+                for dst, src in zip(self._head32, lm_head(base_model(policy))):
+                    if dst is not None:
+                        dst.copy_(src)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
         kw = {self._cache_kw: cache, "use_cache": True}
