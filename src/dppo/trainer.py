@@ -250,7 +250,6 @@ class Trainer:
         loss_metrics = _LossMetrics()
         ent_sum, ent_tok = 0.0, 0.0
         grad_norms = []
-        loss_sum = 0.0  # Σ over mini-batches of the mini-batch loss (= Σ of its micro-batch losses)
         # The first mini-batch's metrics again, alone: it runs before this step's first update, with the weights the
         # engine was synced to, so its π − μ is the training–inference mismatch alone (precision, kernels, and any
         # misalignment bug between the two pipelines: temperature, position ids, template), without policy drift.
@@ -263,7 +262,6 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 # the mini-batch's aggregation denominator for every micro-batch: their losses sum to its loss exactly
                 den = aggregation_denominator(ro.response_mask[mb], m.aggregation, m.max_len_norm)
-                mb_loss = 0.0
                 for idx in self._chunks(mb):
                     st = self._stats(ro, idx, grad=True)
                     sampled_in = ro.sampled_in_topk[idx] if st.gathered_logp is not None else None
@@ -277,7 +275,6 @@ class Trainer:
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"loss is {loss.item()} at step {step + 1} (mini-batch {k + 1})")
                     loss.backward()
-                    mb_loss += float(loss.detach())
                     resp = ro.response_mask[idx]
                     n_seqs = float((resp.sum(-1) > 0).sum())
                     loss_metrics.add(met, n_seqs=n_seqs)
@@ -290,7 +287,6 @@ class Trainer:
                 if not torch.isfinite(gn):
                     raise NonFiniteError(f"gradient norm is {gn.item()} at step {step + 1} (mini-batch {k + 1})")
                 grad_norms.append(float(gn))
-                loss_sum += mb_loss
                 self.optimizer.step()
                 self.scheduler.step()
         t_train = time.perf_counter() - t2
@@ -312,7 +308,6 @@ class Trainer:
             "adv_abs_mean": float(adv.abs().mean()),
         }
         rec.update({f"loss/{k}": v for k, v in loss_metrics.result(n_updates=len(grad_norms)).items()})
-        rec["loss/loss"] = loss_sum / max(len(grad_norms), 1)
         first = first_metrics.result(n_updates=1)
         rec.update({f"mismatch/{k}": first[k] for k in ("abs_diff_mean", "abs_diff_max", "abs_dlogp_mean")})
         rec.update({
@@ -383,22 +378,21 @@ def _check_resume(cfg: TrainConfig) -> None:
 
 class _LossMetrics:
     """policy_loss metrics of one step, pooled over its micro-batches so that they do not depend on how a mini-batch
-    is split: token means weighted by tokens, seq_masked_frac by sequences, max/min over all, ``tokens`` per update.
-    (The loss itself is pooled by the caller: micro-batch losses add up to the mini-batch loss.)"""
+    is split: token means weighted by tokens, seq_masked_frac by sequences, max/min over all; ``loss`` and ``tokens``
+    summed, then per update (micro-batch losses add up to their mini-batch's loss: ``denominator``)."""
 
     def __init__(self):
         self.wsum: dict[str, float] = {}
         self.wden: dict[str, float] = {}
         self.extremes: dict[str, float] = {}
-        self.tokens = 0.0
+        self.sums = {"loss": 0.0, "tokens": 0.0}
 
     def add(self, met: dict[str, float], *, n_seqs: float) -> None:
         tok = met["tokens"]
-        self.tokens += tok
         for key, v in met.items():
-            if key in ("loss", "tokens"):
-                continue
-            if key.endswith("_max"):
+            if key in self.sums:
+                self.sums[key] += v
+            elif key.endswith("_max"):
                 self.extremes[key] = max(self.extremes.get(key, -math.inf), v)
             elif key.endswith("_min"):
                 self.extremes[key] = min(self.extremes.get(key, math.inf), v)
@@ -410,7 +404,7 @@ class _LossMetrics:
     def result(self, *, n_updates: int) -> dict[str, float]:
         out = {k: self.wsum[k] / self.wden[k] if self.wden[k] > 0 else 0.0 for k in self.wsum}
         out.update(self.extremes)
-        out["tokens"] = self.tokens / max(n_updates, 1)
+        out.update({k: v / max(n_updates, 1) for k, v in self.sums.items()})
         return out
 
 
