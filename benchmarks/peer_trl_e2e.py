@@ -108,8 +108,8 @@ def _one_seed(steps: int, seed: int, tmp: str) -> dict:
     d = _spawn("dppo", os.path.join(tmp, f"dppo{seed}"), steps, seed)
     model_dir = d["config"].get("model") or ""
     if not model_dir:  # the warm-up directory the run used
-        from dppo.config import TrainConfig
-        from dppo.warmup import warm_start
+        from dppo.run.config import TrainConfig
+        from dppo.run.warmup import warm_start
 
         model_dir = warm_start(TrainConfig(seed=seed), log=lambda *a: None)
     if d["config"].get("task", "arithmetic") != "arithmetic":

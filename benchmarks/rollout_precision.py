@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from dppo.config import TrainConfig
-from dppo.machine import machine_info, machine_line
-from dppo.model import build_tiny_model, load_model, response_stats
-from dppo.rollout import HFEngine, SamplingParams, encode_prompts
-from dppo.warmup import warm_start
+from dppo.run.config import TrainConfig
+from dppo.run.machine import machine_info, machine_line
+from dppo.hf.model import build_tiny_model, load_model, response_stats
+from dppo.engines import HFEngine
+from dppo.rollout import SamplingParams, encode_prompts
+from dppo.run.warmup import warm_start
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout_precision.json"
 
@@ -49,8 +50,8 @@ def mismatch(model, ids, mask, eos, pad, dtype: str, fp32_head: bool, new_tokens
     with torch.no_grad():
         st = response_stats(model, ro.input_ids, ro.attention_mask, ro.response_ids, temperature=1.0)
     m = ro.response_mask
-    d = (st.logp.exp() - ro.logp.exp()).abs()[m]
-    dl = (st.logp - ro.logp).abs()[m]
+    d = (st.logp.exp() - ro.rollout_logp.exp()).abs()[m]
+    dl = (st.logp - ro.rollout_logp).abs()[m]
     return dict(dtype=dtype, fp32_head=fp32_head, tokens=int(m.sum()), abs_diff_mean=float(d.mean()),
                 abs_diff_max=float(d.max()), abs_dlogp_mean=float(dl.mean()))
 

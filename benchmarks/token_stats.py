@@ -339,7 +339,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ns = [int(x) for x in a.ns.split(",")]
     data = full(ns, a.dtypes.split(","), a.reps, {int(x) for x in a.timed_ns.split(",") if x})
-    from dppo.machine import machine_info, machine_line
+    from dppo.run.machine import machine_info, machine_line
 
     data["machine"] = f"{machine_line(machine_info())}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}"
     data["command"] = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py"

@@ -61,8 +61,8 @@ def _saved_for_backward_mb(t) -> float:
 def child(extra: str, steps: int, model_args: str) -> dict:
     import torch
 
-    from dppo.cli import parse_config
-    from dppo.trainer import Trainer
+    from dppo.run.cli import parse_config
+    from dppo.run.trainer import Trainer
     from token_stats import _reset_peak, _status_kb  # sibling benchmark: the same VmHWM reader
 
     cfg = parse_config(["--out", "/tmp/dppo-bench-mem", "--steps", str(steps), "--no-progress", "--no-tensorboard",
@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.child is not None:
         print(json.dumps(child(a.child, a.steps, a.model_args)))
         return 0
-    from dppo.machine import machine_info, machine_line
+    from dppo.run.machine import machine_info, machine_line
 
-    from dppo.cli import parse_config
-    from dppo.warmup import warm_start
+    from dppo.run.cli import parse_config
+    from dppo.run.warmup import warm_start
 
     # the warm-up model first (cached), so that no child measures the warm-up's own allocations
     warm_start(parse_config(["--out", "/tmp/dppo-bench-mem", *shlex.split(a.model_args)]), log=lambda m: None)

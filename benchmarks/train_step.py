@@ -20,9 +20,9 @@ import sys
 
 import torch
 
-from dppo.cli import parse_config
-from dppo.machine import machine_info, machine_line
-from dppo.trainer import Trainer
+from dppo.run.cli import parse_config
+from dppo.run.machine import machine_info, machine_line
+from dppo.run.trainer import Trainer
 
 
 def bench(method: str, threads: int, steps: int, warm: int, rollout_dtype: str, extra: str = "") -> dict:

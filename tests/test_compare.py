@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dppo import compare
+from dppo.report import compare
 
 
 def _fake(root, label, seed, rewards, mismatch=0.003):

@@ -26,9 +26,9 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from dppo.config import ConfigError  # noqa: E402
-from dppo.metrics_log import read_metrics  # noqa: E402
-from dppo.model import load_model, response_stats  # noqa: E402
+from dppo.run.config import ConfigError  # noqa: E402
+from dppo.run.metrics_log import read_metrics  # noqa: E402
+from dppo.hf.model import load_model, response_stats  # noqa: E402
 from test_trainer import tiny_cfg  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -52,7 +52,7 @@ def lora_cfg(out, cache_dir, reward, **kw):
 
 
 def _trainer(cfg):
-    from dppo.trainer import Trainer
+    from dppo.run.trainer import Trainer
 
     return Trainer(cfg, log=lambda m: None)
 
@@ -102,7 +102,7 @@ def test_engine_samples_the_adapted_policy(tmp_path, cache_dir, partial_reward):
         now = t._stats(ro, all_rows, grad=False).logp
         moved = t._stats(ro0, all_rows, grad=False).logp
     m = ro.response_mask
-    diff = (now - ro.logp).abs()[m]
+    diff = (now - ro.rollout_logp).abs()[m]
     assert diff.max() < 0.05 and diff.mean() < 5e-3, (diff.max(), diff.mean())
     assert (moved - before).abs()[ro0.response_mask].mean() > 0.05  # the check above would see a stale engine
 
@@ -131,7 +131,7 @@ def test_fp32_head_engine_follows_the_policy(tmp_path, cache_dir, partial_reward
     assert t.engine._head32[0].dtype == torch.float32 and torch.equal(t.engine._head32[0], head.detach())
     with torch.no_grad():
         lp = t._stats(ro, torch.arange(ro.response_ids.shape[0]), grad=False).logp
-    diff = (lp - ro.logp).abs()[ro.response_mask]
+    diff = (lp - ro.rollout_logp).abs()[ro.response_mask]
     assert diff.max() < 0.05 and diff.mean() < 5e-3, (diff.max(), diff.mean())
 
 
@@ -143,14 +143,14 @@ def test_fp32_engine_shares_the_adapted_module(tmp_path, cache_dir, partial_rewa
     ro, *_ = t.rollout(2)
     with torch.no_grad():
         lp = t._stats(ro, torch.arange(ro.response_ids.shape[0]), grad=False).logp
-    torch.testing.assert_close(lp[ro.response_mask], ro.logp[ro.response_mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp[ro.response_mask], ro.rollout_logp[ro.response_mask], rtol=0, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # inside peft's from_pretrained
 def test_final_merged_model_loads_and_matches_adapter(tmp_path, cache_dir, partial_reward):
     from peft import PeftModel
 
-    from dppo.trainer import train
+    from dppo.run.trainer import train
 
     out = tmp_path / "run"
     cfg = lora_cfg(out, cache_dir, partial_reward, steps=3)
@@ -178,7 +178,7 @@ def test_final_merged_model_loads_and_matches_adapter(tmp_path, cache_dir, parti
 def test_resume_matches_uninterrupted(tmp_path, cache_dir, partial_reward):
     """Stopped after step 2 and started again on the same directory = one run of 4 steps (rel 1e-6; bit-identical
     on CPU): the adapter, its AdamW moments and the RNG come from the checkpoint, the frozen base from the model."""
-    from dppo.trainer import train
+    from dppo.run.trainer import train
 
     kw = dict(steps=4, ckpt_every=2, eval_every=2)
     train(lora_cfg(tmp_path / "ref", cache_dir, partial_reward, **kw), log=lambda m: None)
@@ -208,13 +208,13 @@ def test_resume_matches_uninterrupted(tmp_path, cache_dir, partial_reward):
     ],
 )
 def test_bad_lora_config_fails_before_any_work(tmp_path, monkeypatch, kw, needle):
-    import dppo.warmup
-    from dppo.trainer import train
+    import dppo.run.warmup
+    from dppo.run.trainer import train
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr(dppo.warmup, "warm_start", boom)
+    monkeypatch.setattr(dppo.run.warmup, "warm_start", boom)
     with pytest.raises(ConfigError, match=re.escape(needle)):
         train(tiny_cfg(tmp_path / "bad", str(tmp_path / "c"), **kw), log=lambda m: None)
     assert not os.path.exists(tmp_path / "bad")
@@ -223,7 +223,7 @@ def test_bad_lora_config_fails_before_any_work(tmp_path, monkeypatch, kw, needle
 def test_missing_peft_says_what_to_install(monkeypatch, tmp_path):
     import importlib.util
 
-    from dppo.config import validate
+    from dppo.run.config import validate
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
@@ -245,7 +245,7 @@ def test_core_does_not_import_peft():
     import subprocess
     import sys
 
-    code = ("import sys, dppo, dppo.trainer, dppo.rollout, dppo.model, dppo.lora, dppo.checkpoint; "
+    code = ("import sys, dppo, dppo.run.trainer, dppo.rollout, dppo.hf.model, dppo.hf.lora, dppo.run.checkpoint; "
             "print('peft' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert r.stdout.strip() == "False"

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import torch
 
-from dppo.model import build_char_tokenizer, build_tiny_model, position_ids_from_mask
-from dppo.rollout import HFEngine, SamplingParams, encode_prompts
+from dppo.hf.model import build_char_tokenizer, build_tiny_model, position_ids_from_mask
+from dppo.engines import HFEngine
+from dppo.rollout import SamplingParams, encode_prompts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,7 +32,7 @@ class _Batch:
             ids, mask = self.ro.input_ids[idx], self.ro.attention_mask[idx]
             yield SimpleNamespace(index=idx, input_ids=ids, attention_mask=mask,
                                   position_ids=position_ids_from_mask(mask), response_ids=self.ro.response_ids[idx],
-                                  rollout_logp=self.ro.logp[idx], response_mask=self.ro.response_mask[idx])
+                                  rollout_logp=self.ro.rollout_logp[idx], response_mask=self.ro.response_mask[idx])
 
 
 def test_readme_trainer_example_runs_on_a_real_rollout():

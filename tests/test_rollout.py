@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from dppo.model import build_char_tokenizer, build_tiny_model, response_stats
-from dppo.rollout import HFEngine, SamplingParams, encode_prompts, sampling_logprobs
+from dppo.hf.model import build_char_tokenizer, build_tiny_model, response_stats
+from dppo.engines import HFEngine
+from dppo.rollout import SamplingParams, encode_prompts, sampling_logprobs
 
 torch.set_num_threads(1)
 
@@ -39,14 +40,14 @@ def test_fp32_rollout_logp_equals_fresh_forward(tiny, temperature):
     logq = torch.log_softmax(logits[:, -t - 1: -1].float() / temperature, -1)
     want = logq.gather(-1, ro.response_ids[..., None]).squeeze(-1)
     m = ro.response_mask
-    assert torch.allclose(ro.logp[m], want[m], atol=1e-5)
+    assert torch.allclose(ro.rollout_logp[m], want[m], atol=1e-5)
     top_v, top_i = torch.topk(logq, 5, dim=-1)
-    assert torch.equal(ro.topk_ids[m], top_i[m]) and torch.allclose(ro.topk_logp[m], top_v[m], atol=1e-5)
+    assert torch.equal(ro.rollout_topk_ids[m], top_i[m]) and torch.allclose(ro.rollout_topk_logp[m], top_v[m], atol=1e-5)
     # the trainer's own statistics (dppo.token_stats path) agree too
     st = response_stats(model, ro.input_ids, ro.attention_mask, ro.response_ids, temperature=temperature,
-                        gather_ids=ro.topk_ids)
-    assert torch.allclose(st.logp[m], ro.logp[m], atol=1e-5)
-    assert torch.allclose(st.gathered_logp[m], ro.topk_logp[m], atol=1e-5)
+                        gather_ids=ro.rollout_topk_ids)
+    assert torch.allclose(st.logp[m], ro.rollout_logp[m], atol=1e-5)
+    assert torch.allclose(st.gathered_logp[m], ro.rollout_topk_logp[m], atol=1e-5)
 
 
 def test_responses_stop_at_eos_and_mask(tiny):
@@ -59,7 +60,7 @@ def test_responses_stop_at_eos_and_mask(tiny):
         assert m[:n].all() and not m[n:].any()  # a prefix
         assert (row[n:] == tok.pad_token_id).all()
         assert fin == (row[n - 1] == eos) and not (row[: n - 1] == eos).any()
-    assert (ro.logp[~ro.response_mask] == 0).all()
+    assert (ro.rollout_logp[~ro.response_mask] == 0).all()
 
 
 def test_bf16_rollout_reproduces_a_small_mismatch(tiny):
@@ -68,7 +69,7 @@ def test_bf16_rollout_reproduces_a_small_mismatch(tiny):
     assert not eng.shared and next(eng.model.parameters()).dtype == torch.bfloat16
     ro = eng.generate(ids, mask, SamplingParams(6), num_samples=8, generator=torch.Generator().manual_seed(2))
     st = response_stats(model, ro.input_ids, ro.attention_mask, ro.response_ids, temperature=1.0)
-    d = (st.logp.exp() - ro.logp.exp()).abs()[ro.response_mask]
+    d = (st.logp.exp() - ro.rollout_logp.exp()).abs()[ro.response_mask]
     assert 0 < d.mean() < 0.05  # identical weights, different precision: |π − μ| > 0 but small
 
 
@@ -140,7 +141,7 @@ def test_greedy_is_a_point_mass():
 
 def _prefill_hidden(eng, ids, mask):
     """The engine's own low-precision decoder body on the prompts: last position's hidden state [N, H]."""
-    from dppo.rollout import _new_cache
+    from dppo.engines.hf import _new_cache
 
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -163,8 +164,8 @@ def test_fp32_head_samples_from_fp32_logits_of_the_low_precision_body(tiny):
     assert w.dtype == torch.float32
     want = torch.log_softmax(h.float() @ w.T, -1)
     a0 = ro.response_ids[:, 0]
-    torch.testing.assert_close(ro.logp[:, 0], want.gather(-1, a0[:, None])[:, 0], rtol=0, atol=2e-6)
-    torch.testing.assert_close(ro.topk_logp[:, 0], want.topk(3, -1).values, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ro.rollout_logp[:, 0], want.gather(-1, a0[:, None])[:, 0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(ro.rollout_topk_logp[:, 0], want.topk(3, -1).values, rtol=0, atol=2e-6)
     rounded = torch.log_softmax(plain.model(input_ids=ids.repeat_interleave(2, 0),
                                             attention_mask=mask.repeat_interleave(2, 0).long(),
                                             position_ids=(mask.repeat_interleave(2, 0).long().cumsum(-1) - 1)
@@ -209,7 +210,7 @@ def test_fp32_head_lowers_the_mismatch_on_a_wide_vocabulary():
         ro = eng.generate(ids, mask, SamplingParams(8), num_samples=4, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             st = response_stats(model, ro.input_ids, ro.attention_mask, ro.response_ids, temperature=1.0)
-        err[fh] = (st.logp - ro.logp).abs()[ro.response_mask].mean().item()
+        err[fh] = (st.logp - ro.rollout_logp).abs()[ro.response_mask].mean().item()
     assert 0 < err[True] < 0.9 * err[False], err
 
 
@@ -232,7 +233,7 @@ def test_logit_transform_falls_back_to_the_logits_path(tiny, field, value):
     never through h·Wᵀ: the trainer's hidden-state path and the rollout's fp32 head share that one rule."""
     import copy
 
-    from dppo.model import decoder_and_head
+    from dppo.hf.model import decoder_and_head
 
     tok, model, ids, mask = tiny
     assert decoder_and_head(model) is not None
@@ -246,4 +247,4 @@ def test_logit_transform_falls_back_to_the_logits_path(tiny, field, value):
     st = response_stats(odd, ro.input_ids, ro.attention_mask, ro.response_ids, temperature=1.0)
     assert calls, "the full causal-LM forward (logits path) was not used"
     m = ro.response_mask
-    torch.testing.assert_close(st.logp[m], ro.logp[m], rtol=0, atol=1e-5)  # Qwen3 ignores the field: same π
+    torch.testing.assert_close(st.logp[m], ro.rollout_logp[m], rtol=0, atol=1e-5)  # Qwen3 ignores the field: same π

@@ -348,7 +348,7 @@ def test_random_shapes_property():
 @pytest.mark.parametrize("arch,tied", [("qwen3", True), ("llama", False)])
 def test_transformers_models(arch, tied):
     transformers = pytest.importorskip("transformers")
-    from dppo.hf import causal_lm_token_stats, final_hidden_states, lm_head
+    from dppo.hf.heads import causal_lm_token_stats, final_hidden_states, lm_head
 
     torch.manual_seed(0)
     h, v = 64, 1000
@@ -387,7 +387,7 @@ def test_transformers_models(arch, tied):
 
 def test_lm_head_refuses_logit_transforms():
     transformers = pytest.importorskip("transformers")
-    from dppo.hf import lm_head
+    from dppo.hf.heads import lm_head
 
     cfg = transformers.AutoConfig.for_model(
         "qwen3", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

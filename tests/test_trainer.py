@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from dppo.cli import build_parser, parse_config
-from dppo.config import ConfigError, TrainConfig
-from dppo.metrics_log import read_metrics
+from dppo.run.cli import build_parser, parse_config
+from dppo.run.config import ConfigError, TrainConfig
+from dppo.run.metrics_log import read_metrics
 
 TINY = dict(hidden=32, layers=1, heads=2, warmup_steps=20, warmup_batch=32, task_digits=2, eval_per_level=10,
             prompts_per_step=4, group_size=4, minibatches=2, steps=3, eval_every=2, eval_samples=1, ckpt_every=2,
@@ -40,7 +40,7 @@ def tiny_cfg(out, cache_dir, **kw) -> TrainConfig:
 
 
 def test_smoke_run(tmp_path, cache_dir):
-    from dppo.trainer import train
+    from dppo.run.trainer import train
 
     out = tmp_path / "run"
     logged = []
@@ -104,14 +104,14 @@ def test_help_lists_every_option_with_default_and_citation():
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, monkeypatch, kw, needle):
-    import dppo.warmup
-    from dppo.trainer import train
+    import dppo.run.warmup
+    from dppo.run.trainer import train
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr(dppo.warmup, "warm_start", boom)
-    monkeypatch.setattr("dppo.model.load_model", boom)
+    monkeypatch.setattr(dppo.run.warmup, "warm_start", boom)
+    monkeypatch.setattr("dppo.hf.model.load_model", boom)
     with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
         train(tiny_cfg(tmp_path / "bad", str(tmp_path / "c"), **kw), log=lambda m: None)
     assert not os.path.exists(tmp_path / "bad")
@@ -124,7 +124,7 @@ def test_bad_config_cli_exit_code(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
-    import dppo.trainer as tr
+    import dppo.run.trainer as tr
 
     real = tr.policy_loss
     calls = {"n": 0}
@@ -148,7 +148,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monk
 @pytest.mark.parametrize("method", ["dppo-binary-kl-recompute", "dppo-topk-tv", "grpo", "drpo"])
 def test_method_paths_run(tmp_path, cache_dir, method):
     """Recompute anchors get the extra forward (timed), Top-K methods get μ's top-K from the rollout."""
-    from dppo.trainer import train
+    from dppo.run.trainer import train
 
     rows = train(tiny_cfg(tmp_path / method, cache_dir, method=method, steps=1, eval_every=0, plot=False,
                           tensorboard=False), log=lambda m: None)
@@ -162,7 +162,7 @@ def test_method_paths_run(tmp_path, cache_dir, method):
 
 def _save_tiny_real_model(path):
     """A tiny model + tokenizer with a chat template, saved like a hub checkpoint."""
-    from dppo.model import build_char_tokenizer, build_tiny_model
+    from dppo.hf.model import build_char_tokenizer, build_tiny_model
 
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?:+-*/=%^{}\\()\n<>|_"
     tok = build_char_tokenizer(alphabet)
@@ -177,7 +177,7 @@ def _save_tiny_real_model(path):
 
 
 def test_local_model_path_with_chat_template_and_jsonl(tmp_path):
-    from dppo.trainer import Trainer, train
+    from dppo.run.trainer import Trainer, train
 
     model_dir = tmp_path / "model"
     _save_tiny_real_model(str(model_dir))
@@ -193,7 +193,7 @@ def test_local_model_path_with_chat_template_and_jsonl(tmp_path):
 
 
 def test_custom_reward_function(tmp_path, cache_dir, monkeypatch):
-    from dppo.trainer import train
+    from dppo.run.trainer import train
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))
     rows = train(tiny_cfg(tmp_path / "cr", cache_dir, reward="my_rewards:contains_answer", steps=1, eval_every=0,
@@ -206,7 +206,7 @@ def test_pre_update_mismatch_isolates_the_engine(tmp_path, cache_dir, monkeypatc
     """mismatch/* is measured before the step's first update, so with an fp32 engine (same weights, same precision,
     only KV-cache vs full-sequence kernels differ) it is ~0: the whole pipeline (temperature, position ids, response
     offsets) lines up. A bf16 engine shows a real mismatch, and the all-updates |π−μ| includes the policy's drift."""
-    from dppo.trainer import train
+    from dppo.run.trainer import train
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))  # partial credit: Â ≠ 0, π moves
     rows = train(tiny_cfg(tmp_path / rollout_dtype, cache_dir, rollout_dtype=rollout_dtype, steps=2, eval_every=0,
@@ -227,7 +227,7 @@ def test_micro_batching_does_not_change_the_update(tmp_path, cache_dir, monkeypa
     """--micro_batch_size accumulates gradients with the mini-batch's aggregation denominator, so the same step gives
     the same loss and gradient norms as one forward per mini-batch (fp32 summation order aside), even for the means
     whose micro-batches hold different numbers of tokens."""
-    from dppo.trainer import train
+    from dppo.run.trainer import train
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))  # partial credit: Â ≠ 0
     kw = dict(steps=1, eval_every=0, plot=False, tensorboard=False, aggregation=aggregation,

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from dppo.metrics_log import read_metrics
+from dppo.run.metrics_log import read_metrics
 
 ARGS = dict(hidden=32, layers=1, heads=2, warmup_steps=20, warmup_batch=32, task_digits=2, eval_per_level=10,
             prompts_per_step=4, group_size=4, minibatches=2, steps=14, eval_every=5, eval_samples=1, ckpt_every=3,

@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         demo_main()
         return 0
     if cmd in ("train", "plot"):
-        from dppo import cli
+        from dppo.run import cli
 
         return int(getattr(cli, f"{cmd}_main")(rest) or 0)
     if cmd == "compare":
-        from dppo.compare import main as compare_main
+        from dppo.report.compare import main as compare_main
 
         return int(compare_main(rest) or 0)
     print(f"dppo: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)

@@ -31,6 +31,7 @@ Glossary of the returned metrics (floats; means over response tokens unless stat
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ from dppo._checks import check_float, check_logp, check_same_shape, check_tensor
 from dppo.methods import Method, get_method
 from dppo.trust_region import dppo_mask, ratio_mask, sequence_mask
 
-__all__ = ["policy_loss", "aggregate", "aggregation_denominator", "METRIC_KEYS"]
+__all__ = ["policy_loss", "aggregate", "aggregation_denominator", "TopK", "METRIC_KEYS"]
 
 # exp(20) ≈ 4.9e8: keeps r finite in fp32 whatever the log-ratio (Stable-RL clamps the log-ratio at 20 as well).
 MAX_LOG_RATIO = 20.0
@@ -50,6 +51,16 @@ METRIC_KEYS = (
     "div_mean", "div_max", "masked_frac", "masked_frac_pos", "masked_frac_neg", "ratio_mean", "ratio_max",
     "capped_frac", "seq_masked_frac",
 )
+
+
+class TopK(NamedTuple):
+    """What a Top-K estimator (Eqs. 15–16) needs beside log π(a_t) and log μ(a_t), at the rollout's top-K ids.
+
+    Shapes [B, T, K] (``sampled_in`` [B, T]); only the mask reads them (no gradient flows through them)."""
+
+    logp: Tensor  # log π_θ at rollout_topk_ids (the trainer's policy; e.g. ``token_stats(..., gather_ids=...)``)
+    rollout_logp: Tensor  # log μ at rollout_topk_ids, as the engine recorded them
+    sampled_in: Tensor  # bool: a_t is among rollout_topk_ids (``Rollout.sampled_in_topk``)
 
 
 def aggregation_denominator(response_mask: Tensor, mode: str, max_len_norm: int | None = None) -> Tensor:
@@ -184,6 +195,7 @@ def policy_loss(
     response_mask: Tensor,
     *,
     old_logp: Tensor | None = None,
+    topk: TopK | None = None,
     topk_logp: Tensor | None = None,
     rollout_topk_logp: Tensor | None = None,
     sampled_in_topk: Tensor | None = None,
@@ -199,9 +211,9 @@ def policy_loss(
         response_mask: [B, T] bool or 0/1; 0 marks prompt/padding tokens.
         old_logp: [B, T] log π_θ′(a_t|s_t), the trainer's recomputed log-probs before the update; needed by
             ``anchor="recompute"`` methods (MiniRL, DPPO-*-recompute).
-        topk_logp: [B, T, K] log π_θ at the rollout's top-K ids; rollout_topk_logp: [B, T, K] log μ at those ids;
-            sampled_in_topk: [B, T] bool. Needed by top-K estimators. Only used for the mask (no gradient flows
-            through them).
+        topk: a :class:`TopK` record (log π_θ and log μ at the rollout's top-K ids, and whether a_t is among them);
+            needed by top-K estimators. Only used for the mask (no gradient flows through it).
+        topk_logp, rollout_topk_logp, sampled_in_topk: the same three tensors as keywords (``topk`` or these).
         denominator: for gradient accumulation, the aggregation denominator of the whole mini-batch this call sees
             a micro-batch of (:func:`aggregation_denominator` on its response mask); the micro-batch losses then sum
             to the mini-batch loss exactly. None = this batch's own. Metrics stay per call.
@@ -209,6 +221,10 @@ def policy_loss(
         (loss, metrics): a 0-dim float32 tensor (float64 for float64 ``logp``) to call ``.backward()`` on, and a dict of floats (glossary above).
     """
     m = get_method(method)
+    if topk is not None:
+        if topk_logp is not None or rollout_topk_logp is not None or sampled_in_topk is not None:
+            raise ValueError("pass the top-K inputs either as topk=TopK(...) or as the three keywords, not both")
+        topk_logp, rollout_topk_logp, sampled_in_topk = topk
     _validate(m, logp, rollout_logp, advantages, response_mask, old_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
     if denominator is not None:
         den = float(denominator)

@@ -75,7 +75,7 @@ class CustomRewardTask(Task):
 
 def make_task(name: str, *, data: str | None = None, eval_data: str | None = None, eval_size: int = 0,
               digits: int = 3, eval_per_level: int = 100, reward: str | None = None) -> Task:
-    """The task a config names (see :class:`dppo.config.TrainConfig` for the options)."""
+    """The task a config names (see :class:`dppo.run.config.TrainConfig` for the options)."""
     if name == "arithmetic":
         task: Task = ArithmeticTask(max_digits=digits, eval_per_level=eval_per_level)
     elif name == "jsonl":

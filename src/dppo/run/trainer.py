@@ -15,7 +15,7 @@ One step, top to bottom (:meth:`Trainer.step`):
 Records flow one way (rollout → advantages → loss → update); the metrics of every step go to metrics.jsonl,
 TensorBoard and the progress bar. Checkpoints hold everything a resumed run needs to continue bit-for-bit.
 
-With ``--lora_rank`` the policy is a peft LoRA model (:mod:`dppo.lora`): AdamW, the gradient clip and the checkpoints
+With ``--lora_rank`` the policy is a peft LoRA model (:mod:`dppo.hf.lora`): AdamW, the gradient clip and the checkpoints
 hold the adapters alone, and the engine samples with the merged weights W + (α/r)·B·A.
 """
 
@@ -32,14 +32,15 @@ from contextlib import nullcontext
 import torch
 
 from dppo.advantages import group_advantages
-from dppo.checkpoint import load_checkpoint, save_checkpoint
-from dppo.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_config, save_config, validate
+from dppo.run.checkpoint import load_checkpoint, save_checkpoint
+from dppo.run.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_config, save_config, validate
 from dppo.loss import aggregation_denominator, policy_loss
-from dppo.machine import machine_info, machine_line
+from dppo.run.machine import machine_info, machine_line
 from dppo.methods import PRESETS, Method
-from dppo.metrics_log import MetricsLog, read_metrics, summary_line
-from dppo.model import checkpointing_active, enable_gradient_checkpointing, load_model, response_stats
-from dppo.rollout import HFEngine, Rollout, SamplingParams, encode_prompts
+from dppo.run.metrics_log import MetricsLog, read_metrics, summary_line
+from dppo.hf.model import checkpointing_active, enable_gradient_checkpointing, load_model, response_stats
+from dppo.engines import HFEngine
+from dppo.rollout import Rollout, SamplingParams, encode_prompts
 from dppo.tasks import Task, make_task
 
 __all__ = ["Trainer", "train", "resolve_method", "NonFiniteError", "evaluate"]
@@ -145,7 +146,7 @@ class Trainer:
         if cfg.model:
             model_path = cfg.model
         else:
-            from dppo.warmup import warm_start
+            from dppo.run.warmup import warm_start
 
             model_path = warm_start(cfg, log=log)
         self.model_path = model_path
@@ -161,7 +162,7 @@ class Trainer:
                                pad_token_id=self.tok.pad_token_id, dtype=cfg.rollout_dtype,
                                fp32_head=cfg.rollout_fp32_head)
         if cfg.lora_rank:
-            from dppo.lora import apply_lora
+            from dppo.hf.lora import apply_lora
 
             # A's random init from its own seed: the global stream depends on whether the warm-up ran or was cached
             torch.manual_seed(_seed_of(cfg.seed, "lora"))
@@ -216,7 +217,7 @@ class Trainer:
         return ro, per_response, texts, rewards
 
     def _stats(self, ro: Rollout, idx: torch.Tensor, *, grad: bool):
-        gather = ro.topk_ids[idx] if (self.method.needs_topk and ro.topk_ids is not None) else None
+        gather = ro.rollout_topk_ids[idx] if (self.method.needs_topk and ro.rollout_topk_ids is not None) else None
         ckpt = checkpointing_active(self.ckpt_modules) if grad else nullcontext()
         with torch.set_grad_enabled(grad), ckpt:
             return response_stats(self.model, ro.input_ids[idx], ro.attention_mask[idx], ro.response_ids[idx],
@@ -266,10 +267,10 @@ class Trainer:
                     st = self._stats(ro, idx, grad=True)
                     sampled_in = ro.sampled_in_topk[idx] if st.gathered_logp is not None else None
                     loss, met = policy_loss(
-                        m, st.logp, ro.logp[idx], adv[idx], ro.response_mask[idx],
+                        m, st.logp, ro.rollout_logp[idx], adv[idx], ro.response_mask[idx],
                         old_logp=old_logp[idx] if old_logp is not None else None,
                         topk_logp=st.gathered_logp,
-                        rollout_topk_logp=ro.topk_logp[idx] if st.gathered_logp is not None else None,
+                        rollout_topk_logp=ro.rollout_topk_logp[idx] if st.gathered_logp is not None else None,
                         sampled_in_topk=sampled_in, denominator=den,
                     )
                     if not torch.isfinite(loss):
@@ -348,7 +349,7 @@ class Trainer:
         With LoRA, the adapter alone goes to ``{path}_adapter`` (peft format) and ``path`` gets the merged weights
         W + (α/r)·B·A, written into a fresh fp32 CPU copy of the base model (the same merge the rollout engine
         receives; no second copy of the model on the training device)."""
-        from dppo.lora import is_peft_model, load_merged
+        from dppo.hf.lora import is_peft_model, load_merged
 
         if is_peft_model(self.model):
             from transformers import AutoModelForCausalLM
@@ -432,7 +433,7 @@ def _record_machine(run_dir: str, start: int, log) -> None:
 
 def train(cfg: TrainConfig, log=None) -> list[dict]:
     """Run (or resume) the training job of ``cfg``; returns the metric records written by this invocation."""
-    from dppo.checkpoint import checkpoint_path
+    from dppo.run.checkpoint import checkpoint_path
 
     if log is None:
         def log(msg):
@@ -499,7 +500,7 @@ def train(cfg: TrainConfig, log=None) -> list[dict]:
             log(summary)
     if cfg.plot:
         try:
-            from dppo.plot import plot_run
+            from dppo.report.plot import plot_run
 
             png = plot_run(cfg.out)
             log(f"curves: {png}")

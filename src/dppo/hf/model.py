@@ -8,9 +8,8 @@ runs through exactly the code a local Qwen2.5-Math-1.5B takes (``from_pretrained
 
 from __future__ import annotations
 
-import inspect
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +98,7 @@ def enable_gradient_checkpointing(model) -> list[torch.nn.Module]:
     that requires grad, so the hook on the embedding output that transformers adds for the reentrant variant (and
     peft asks for) is removed: with LoRA it would only make the backward run into the frozen embedding for nothing.
     """
-    from dppo.lora import base_model
+    from dppo.hf.lora import base_model
 
     base = base_model(model)
     kw = {"use_reentrant": False}
@@ -136,12 +135,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_kwargs(model) -> str:
-    """Name of the KV-cache keyword of ``model.forward`` (transformers ≥ 5.2x renamed past_key_values → cache)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 @dataclass
 class ResponseStats:
     """Per response token, from one forward pass of the policy. Shapes [N, T] (``gathered_logp`` [N, T, K])."""
@@ -155,7 +148,7 @@ def decoder_and_head(model):
     """(decoder body returning final normed hidden states, lm-head Linear) or None when the model does anything to
     its logits beyond ``h·Wᵀ + b`` (:func:`dppo.hf.logit_transform`: Gemma-style soft-capping, Cohere/Granite-style
     scaling) or has no plain Linear head (then the logits path is used)."""
-    from dppo.hf import decoder, logit_transform
+    from dppo.hf.heads import decoder, logit_transform
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or logit_transform(model) is not None:
@@ -194,7 +187,7 @@ def response_stats(
 
     t = response_ids.shape[1]
     pos = position_ids_from_mask(attention_mask)
-    ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
+    ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     parts = decoder_and_head(model)
     with ctx:
         if parts is not None:
@@ -213,10 +206,3 @@ def response_stats(
                                          gather_ids=gather_ids, entropy=entropy)
     return ResponseStats(logp=st.logp, entropy=st.entropy, gathered_logp=st.gathered_logp)
 
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from dppo.model import build_char_tokenizer, build_tiny_model
+from dppo.hf.model import build_char_tokenizer, build_tiny_model
 from dppo.tasks import ArithmeticTask
 from dppo.tasks.arithmetic import ALPHABET
 from dppo.tasks.base import step_rng
@@ -37,7 +37,7 @@ def _key(cfg) -> dict:
 
 
 def warm_start(cfg, log=print) -> str:
-    """Directory of the warmed-up tiny model for ``cfg`` (a :class:`dppo.config.TrainConfig`); trains it if no cached
+    """Directory of the warmed-up tiny model for ``cfg`` (a :class:`dppo.run.config.TrainConfig`); trains it if no cached
     copy exists. Supervised fine-tuning: cross-entropy on the answer and <eos> tokens of ``prompt+answer``."""
     key = _key(cfg)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from dppo.metrics_log import read_metrics
+from dppo.run.metrics_log import read_metrics
 
 __all__ = ["plot_run"]
 

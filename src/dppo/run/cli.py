@@ -1,4 +1,4 @@
-"""``dppo train`` and ``dppo plot``: argument parsing generated from the :class:`dppo.config.TrainConfig` dataclass,
+"""``dppo train`` and ``dppo plot``: argument parsing generated from the :class:`dppo.run.config.TrainConfig` dataclass,
 so ``--help`` lists every field with its default and its help text (citations included)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import sys
 import typing
 
-from dppo.config import ConfigError, TrainConfig
+from dppo.run.config import ConfigError, TrainConfig
 
 __all__ = ["train_main", "plot_main", "build_parser", "parse_config"]
 
@@ -57,7 +57,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
 
 def train_main(argv: list[str]) -> int:
-    from dppo.trainer import NonFiniteError, train
+    from dppo.run.trainer import NonFiniteError, train
 
     cfg = parse_config(argv)
     try:
@@ -76,7 +76,7 @@ def plot_main(argv: list[str]) -> int:
     p.add_argument("run_dir", help="a run directory written by `dppo train`")
     p.add_argument("--out", default="", help="output PNG (default RUN_DIR/curves.png)")
     ns = p.parse_args(argv)
-    from dppo.plot import plot_run
+    from dppo.report.plot import plot_run
 
     try:
         path = plot_run(ns.run_dir, ns.out or None)

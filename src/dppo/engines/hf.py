@@ -1,0 +1,162 @@
+"""The HF engine: sampling with any transformers causal LM through its own decode loop (prefill + KV cache).
+
+It runs its own loop instead of ``model.generate()``: generate's logits processors take defaults from the model's
+``generation_config`` (e.g. a repetition penalty or top-k = 20 shipped with an instruct model) that the recorded μ
+would silently have to replicate; owning the loop makes μ the sampling distribution by construction and keeps memory
+at one [N, V] row of logits per step.
+
+Rollout precision is the engine's own: ``dtype="bf16"`` keeps a bf16 copy of the policy (synced before every
+rollout, as an inference engine's weights are), so π (fp32 trainer) and μ (bf16 engine) differ for identical
+parameters: the training–inference mismatch of the paper (§5.1, Fig. 3) reproduced on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import Tensor
+
+from dppo.hf.heads import lm_head
+from dppo.hf.lora import base_model
+from dppo.hf.model import DTYPES, decoder_and_head, position_ids_from_mask
+from dppo.rollout import Rollout, RolloutEngine, SamplingParams, sampling_logprobs
+
+__all__ = ["HFEngine"]
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+class HFEngine(RolloutEngine):
+    """Sampling with a transformers causal LM: prefill the prompts, then one token per step with a KV cache.
+
+    Args:
+        model: the policy (a ``PreTrainedModel``). With ``dtype`` equal to the policy's dtype the engine samples with
+            the policy module itself (``sync`` is a no-op); otherwise it keeps its own copy in ``dtype`` and ``sync``
+            copies the weights into it (like pushing weights to an inference server). For a LoRA policy, build the
+            engine from the model *before* ``dppo.hf.lora.apply_lora``: the engine's copy stays a plain model and
+            ``sync`` pushes the merged weights (shared mode samples with the adapted module itself, unmerged).
+        eos_token_id, pad_token_id: ids from the tokenizer (``eos_token_id`` may be a list: any of them ends a
+            response).
+        dtype: "fp32" | "bf16" | "fp16": the rollout precision.
+        fp32_head: with a low-precision ``dtype``, run the lm-head GEMM in fp32: the decoder body runs in ``dtype``,
+            its last hidden state is upcast, and the logits are h·W32ᵀ (+ b) with an fp32 copy W32 of the policy's
+            head weight, refreshed by ``sync`` (no rounding of W to ``dtype``; costs one fp32 [V, H] copy). The
+            "FP32 LM head" of ScaleRL / MiniMax-M1 (trl#4303, open-instruct#1387) against the mismatch. The trainer's
+            own head is already fp32 (fp32 master weights; the head GEMM is outside autocast, ``dppo.hf.model``), so
+            this gives both sides an fp32 head. No effect when the engine shares the fp32 policy.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32",
+                 fp32_head: bool = False):
+        policy_dtype = next(model.parameters()).dtype
+        self.dtype = DTYPES[dtype]
+        if self.dtype == policy_dtype:
+            self.model = model
+            self.shared = True
+        else:
+            self.model = copy.deepcopy(model).to(self.dtype)
+            self.shared = False
+        self.model.eval()
+        self._body = self._head32 = None
+        if fp32_head and not self.shared:
+            parts = decoder_and_head(self.model)
+            if parts is None:
+                raise ValueError(f"fp32_head: {type(self.model).__name__} changes its logits after the lm head "
+                                 "(soft-capping or scaling) or has no plain Linear head; use fp32_head=False")
+            self._body = parts[0]
+            self._head32 = [None if t is None else t.detach().float().clone() for t in lm_head(model)]
+        eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        self.eos = torch.tensor(sorted(set(int(e) for e in eos if e is not None)), dtype=torch.long)
+        self.pad = int(pad_token_id)
+        params = inspect.signature((self._body or self.model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else (
+            "num_logits_to_keep" if "num_logits_to_keep" in params else None)
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Copy the policy's weights into the engine's copy, cast to the engine dtype. A LoRA policy (peft) pushes its
+        merged weights W + (α/r)·B·A (the engine was built from the model before the adapters were added)."""
+        if self.shared:
+            return
+        with torch.no_grad():
+            if hasattr(policy, "peft_config"):
+                from dppo.hf.lora import load_merged
+
+                load_merged(policy, self.model)
+            else:
+                for dst, src in zip(self.model.parameters(), policy.parameters()):
+                    dst.copy_(src)  # cast to the engine dtype
+            if self._head32 is not None:  # from the policy's (fp32) head itself, not from the rounded engine copy
+                for dst, src in zip(self._head32, lm_head(base_model(policy))):
+                    if dst is not None:
+                        dst.copy_(src)
+
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
+        kw = {self._cache_kw: cache, "use_cache": True}
+        if self._head32 is not None:
+            h = self._body(input_ids=ids, attention_mask=mask.long(), position_ids=pos, **kw).last_hidden_state
+            return torch.nn.functional.linear(h[:, -1].float(), *self._head32)
+        if self._keep_kw:
+            kw[self._keep_kw] = 1
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, **kw)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, *, num_samples: int = 1,
+                 generator: torch.Generator | None = None) -> Rollout:
+        dev = prompt_ids.device
+        ids = prompt_ids.repeat_interleave(num_samples, dim=0)
+        pmask = prompt_mask.bool().repeat_interleave(num_samples, dim=0)
+        n = ids.shape[0]
+        eos = self.eos.to(dev)
+        cache = _new_cache(self.model)
+        pos = position_ids_from_mask(pmask)
+        logits = self._forward(ids, pmask, pos, cache)
+        next_pos = pos[:, -1:] + 1
+        attn = pmask
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        toks, lps, masks, tk_ids, tk_lps, full = [], [], [], [], [], []
+        for _ in range(params.max_new_tokens):
+            logmu = sampling_logprobs(logits, params.temperature, params.top_k, params.top_p,
+                                      logit_noise=params.logit_noise, generator=generator)  # [N, V] fp32
+            if params.temperature == 0:
+                a = logmu.argmax(-1)
+            else:
+                a = torch.multinomial(logmu.exp(), 1, generator=generator).squeeze(-1)
+            live = ~done
+            a = torch.where(live, a, torch.full_like(a, self.pad))
+            toks.append(a)
+            masks.append(live)
+            lps.append(torch.where(live, logmu.gather(-1, a[:, None]).squeeze(-1), torch.zeros(n, device=dev)))
+            if params.record_topk:
+                v, i = torch.topk(logmu, min(params.record_topk, logmu.shape[-1]), dim=-1)  # K ≤ V
+                tk_ids.append(i)
+                tk_lps.append(v)
+            if params.record_logp:
+                full.append(logmu)
+            done = done | (live & torch.isin(a, eos))
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones(n, 1, dtype=torch.bool, device=dev)], dim=1)
+            logits = self._forward(a[:, None], attn, next_pos, cache)
+            next_pos = next_pos + 1
+        return Rollout(
+            prompt_ids=ids,
+            prompt_mask=pmask,
+            response_ids=torch.stack(toks, 1),
+            response_mask=torch.stack(masks, 1),
+            rollout_logp=torch.stack(lps, 1),
+            rollout_topk_ids=torch.stack(tk_ids, 1) if tk_ids else None,
+            rollout_topk_logp=torch.stack(tk_lps, 1) if tk_lps else None,
+            finished=done,
+            rollout_full_logp=torch.stack(full, 1) if full else None,
+        )

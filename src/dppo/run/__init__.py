@@ -1,0 +1,1 @@
+"""Training runs: configuration, command line, trainer, checkpoints, metrics, warm-up, machine record."""
