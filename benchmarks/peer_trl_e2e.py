@@ -108,10 +108,10 @@ def _one_seed(steps: int, seed: int, tmp: str) -> dict:
     d = _spawn("dppo", os.path.join(tmp, f"dppo{seed}"), steps, seed)
     model_dir = d["config"].get("model") or ""
     if not model_dir:  # the warm-up directory the run used
-        from dppo.run.config import TrainConfig
-        from dppo.run.warmup import warm_start
+        from dppo.run.config import make_config
+        from dppo.run.warmup import warm_start_for
 
-        model_dir = warm_start(TrainConfig(seed=seed), log=lambda *a: None)
+        model_dir = warm_start_for(make_config(seed=seed), log=lambda *a: None)
     if d["config"].get("task", "arithmetic") != "arithmetic":
         raise RuntimeError("the e2e peer benchmark expects the default arithmetic task")
     digits = int(d["config"]["task_digits"])

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from dppo.run.config import TrainConfig
+from dppo.run.config import make_config
 from dppo.run.machine import machine_info, machine_line
 from dppo.hf.model import build_tiny_model, load_model, response_stats
 from dppo.engines import HFEngine
 from dppo.rollout import SamplingParams, encode_prompts
-from dppo.run.warmup import warm_start
+from dppo.run.warmup import warm_start_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout_precision.json"
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     cases = []
-    model, tok = load_model(warm_start(TrainConfig(), log=lambda m: print(m, file=sys.stderr)))
+    model, tok = load_model(warm_start_for(make_config(), log=lambda m: print(m, file=sys.stderr)))
     g = torch.Generator().manual_seed(7)
     prompts = [f"{int(x)}+{int(y)}=" for x, y in torch.randint(0, 100, (64, 2), generator=g)]
     ids, mask = encode_prompts(tok, prompts, use_chat_template=False)

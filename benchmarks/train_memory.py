@@ -43,7 +43,7 @@ def _saved_for_backward_mb(t) -> float:
     import torch
 
     ro, *_ = t.rollout(0)
-    idx = torch.arange(ro.response_ids.shape[0] // t.cfg.minibatches)
+    idx = torch.arange(ro.response_ids.shape[0] // t.cfg.optim.minibatches)
     seen: dict[int, int] = {}
 
     def pack(x):
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     from dppo.run.machine import machine_info, machine_line
 
     from dppo.run.cli import parse_config
-    from dppo.run.warmup import warm_start
+    from dppo.run.warmup import warm_start_for
 
     # the warm-up model first (cached), so that no child measures the warm-up's own allocations
-    warm_start(parse_config(["--out", "/tmp/dppo-bench-mem", *shlex.split(a.model_args)]), log=lambda m: None)
+    warm_start_for(parse_config(["--out", "/tmp/dppo-bench-mem", *shlex.split(a.model_args)]), log=lambda m: None)
     rows = []
     for extra in OPTIONS:
         cmd = [sys.executable, __file__, f"--child={extra}", f"--steps={a.steps}", f"--model-args={a.model_args}"]

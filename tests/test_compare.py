@@ -16,8 +16,8 @@ def _fake(root, label, seed, rewards, mismatch=0.003):
     d.mkdir(parents=True)
     with open(d / "metrics.jsonl", "w") as f:
         for i, r in enumerate(rewards):
-            f.write(json.dumps(dict(step=i, reward=r, mismatch_abs_mean=mismatch * (1 + i), masked_frac=0.01,
-                                    heldout_acc=r)) + "\n")
+            f.write(json.dumps({"step": i, "reward": r, "mismatch/abs_diff_mean": mismatch * (1 + i),
+                                "loss/masked_frac": 0.01, "eval/accuracy": r}) + "\n")
         f.write('{"step": 99, "rew')  # a line cut by a kill is ignored
 
 
@@ -28,7 +28,7 @@ def test_parse_method_spec():
     assert name == "dppo-binary-tv" and over["delta_low"] == 0.2 and math.isinf(over["delta_high"])
     with pytest.raises(ValueError, match="unknown method"):
         compare.parse_method_spec("nope")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="unknown Method field"):
         compare.parse_method_spec("grpo@no_such_field=1")
 
 
@@ -39,7 +39,7 @@ def test_report_from_fake_metrics(tmp_path):
     runs = compare.load_runs(tmp_path)
     assert set(runs) == {"stable", "collapses"} and len(runs["stable"][0]) == 5
     s = compare.write_report(tmp_path, runs, title="fake", command="dppo compare ...", wall_s=12.0,
-                             target=("heldout_acc", 0.9))
+                             target=("eval/accuracy", 0.9))
     assert s["collapses"]["collapsed_seeds"] == 1 and s["stable"]["collapsed_seeds"] == 0
     assert s["stable"]["target"]["steps"] == [3, 3] and s["collapses"]["target"]["reached"] == 0
     assert s["stable"]["final_reward"][0] == pytest.approx((0.95 + 1.0) / 2)
@@ -60,7 +60,8 @@ def test_orchestration_resumes_and_passes_args(tmp_path):
         "    for i in range(3): f.write(json.dumps({'step': i, 'reward': 0.1 * i, 'argv': sys.argv[1:]}) + '\\n')\n"
     )
     out = tmp_path / "cmp"
-    cmd = f"{{python}} {script} --method {{method}} --over {{overrides}} --seed {{seed}} --out {{run_dir}}"
+    cmd = (f"{{python}} {script} --method {{method}} --spec {{spec}} --over {{overrides}} --seed {{seed}} "
+           "--out {run_dir}")
     argv = ["--methods", "grpo,pg-is", "cispo@ratio_cap=3", "--seeds", "0,1", "--out", str(out), "--jobs", "2",
             "--cmd", cmd, "--", "--steps", "3"]
     assert compare.main(argv) == 0
@@ -68,6 +69,7 @@ def test_orchestration_resumes_and_passes_args(tmp_path):
     assert set(runs) == {"grpo", "pg-is", "cispo@ratio_cap=3"} and all(len(v) == 2 for v in runs.values())
     got = runs["cispo@ratio_cap=3"][1][0]["argv"]
     assert got[got.index("--method") + 1] == "cispo" and json.loads(got[got.index("--over") + 1]) == {"ratio_cap": 3}
+    assert got[got.index("--spec") + 1] == "cispo@ratio_cap=3"
     assert got[-2:] == ["--steps", "3"]
     assert (out / "report.md").exists()
     machine = json.loads((out / "summary.json").read_text())["machine"]
@@ -78,18 +80,44 @@ def test_orchestration_resumes_and_passes_args(tmp_path):
 
 
 def test_summary_reads_dppo_train_metric_names(tmp_path):
-    # `dppo train` logs loss/abs_diff_mean, loss/masked_frac and eval/accuracy (every N steps, on its own line at
-    # step 0); the summary must read them when minilab's names are absent.
+    # `dppo train` logs mismatch/abs_diff_mean (before the step's first update), loss/abs_diff_mean (over the
+    # updates), loss/masked_frac and eval/accuracy (every N steps, on its own line at step 0): one column each.
     d = tmp_path / "runs" / "m" / "seed0"
     d.mkdir(parents=True)
     recs = [dict(step=0, **{"eval/accuracy": 0.4})]
-    recs += [dict(step=i, reward=0.5, **{"loss/abs_diff_mean": 0.01 * i, "loss/masked_frac": 0.02})
-             for i in range(1, 11)]
+    recs += [dict(step=i, reward=0.5, **{"mismatch/abs_diff_mean": 0.01 * i, "loss/abs_diff_mean": 0.1 * i,
+                                         "loss/masked_frac": 0.02}) for i in range(1, 11)]
     recs[-1]["eval/accuracy"] = 0.7
     d.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    d.joinpath("method.json").write_text(json.dumps({"name": "m", "ratio_cap": 3.0}))
     s = compare.summarise(compare.load_runs(tmp_path), target=("eval/accuracy", 0.6))["m"]
     assert s["final_mismatch"][0] == pytest.approx((0.09 + 0.10) / 2)  # last 20 % of 10 steps
+    assert s["final_drift"][0] == pytest.approx((0.9 + 1.0) / 2)
     assert s["peak_mismatch"][0] == pytest.approx(0.10)
     assert s["masked_frac"][0] == pytest.approx(0.02)
     assert s["final_heldout_acc"][0] == pytest.approx(0.7)
     assert s["target"]["steps"] == [10]
+
+
+def test_dppo_runner_passes_the_whole_spec(tmp_path, monkeypatch):
+    """The default runner hands `--method SPEC` to `dppo train`, which resolves the overrides and records the method
+    (the override is not dropped under a label that claims it); the report prints the resolved method."""
+    from dppo.run.cli import parse_config
+    from dppo.run.config import resolve_method
+
+    cmd = compare.RUNNER.format(python="py", spec="cispo@ratio_cap=3", seed=0, run_dir="x").split()
+    cfg = parse_config(cmd[cmd.index("train") + 1:])
+    assert resolve_method(cfg).ratio_cap == 3.0
+    d = tmp_path / "runs" / "cispo@ratio_cap=3" / "seed0"
+    d.mkdir(parents=True)
+    d.joinpath("metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    d.joinpath("method.json").write_text(json.dumps({"name": "cispo@ratio_cap=3", "ratio_cap": 3.0}))
+    compare.write_report(tmp_path, compare.load_runs(tmp_path), title="t")
+    assert "- `cispo@ratio_cap=3`: name=cispo@ratio_cap=3, ratio_cap=3.0" in (tmp_path / "report.md").read_text()
+
+
+def test_custom_cmd_without_overrides_is_refused(tmp_path, capsys):
+    argv = ["--methods", "cispo@ratio_cap=3", "--seeds", "0", "--out", str(tmp_path), "--cmd",
+            "{python} x.py --method {method} --out {run_dir}"]
+    assert compare.main(argv) == 2
+    assert "overrides of 'cispo@ratio_cap=3' would not reach the run" in capsys.readouterr().err

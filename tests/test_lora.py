@@ -88,9 +88,7 @@ def test_engine_samples_the_adapted_policy(tmp_path, cache_dir, partial_reward):
     log μ matches the fp32 policy's log π to bf16 precision, while the updates moved log π far more than that."""
     t = _trainer(lora_cfg(tmp_path / "r", cache_dir, partial_reward))
     ro0, *_ = t.rollout(0)
-    all_rows = torch.arange(ro0.response_ids.shape[0])
-    with torch.no_grad():
-        before = t._stats(ro0, all_rows, grad=False).logp
+    before = t.logp(ro0)
     for s in range(3):
         t.step(s)
     ro, *_ = t.rollout(3)  # syncs the engine
@@ -98,9 +96,7 @@ def test_engine_samples_the_adapted_policy(tmp_path, cache_dir, partial_reward):
     ref = dict(merged.named_parameters())
     for n, p in t.engine.model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, ref[n].to(torch.bfloat16)), n
-    with torch.no_grad():
-        now = t._stats(ro, all_rows, grad=False).logp
-        moved = t._stats(ro0, all_rows, grad=False).logp
+    now, moved = t.logp(ro), t.logp(ro0)
     m = ro.response_mask
     diff = (now - ro.rollout_logp).abs()[m]
     assert diff.max() < 0.05 and diff.mean() < 5e-3, (diff.max(), diff.mean())
@@ -129,8 +125,7 @@ def test_fp32_head_engine_follows_the_policy(tmp_path, cache_dir, partial_reward
     ro, *_ = t.rollout(2)  # syncs the engine
     assert lora_rank or not torch.equal(head, start)  # full fine-tuning moved the (tied) head
     assert t.engine._head32[0].dtype == torch.float32 and torch.equal(t.engine._head32[0], head.detach())
-    with torch.no_grad():
-        lp = t._stats(ro, torch.arange(ro.response_ids.shape[0]), grad=False).logp
+    lp = t.logp(ro)
     diff = (lp - ro.rollout_logp).abs()[ro.response_mask]
     assert diff.max() < 0.05 and diff.mean() < 5e-3, (diff.max(), diff.mean())
 
@@ -141,8 +136,7 @@ def test_fp32_engine_shares_the_adapted_module(tmp_path, cache_dir, partial_rewa
     for s in range(2):
         t.step(s)
     ro, *_ = t.rollout(2)
-    with torch.no_grad():
-        lp = t._stats(ro, torch.arange(ro.response_ids.shape[0]), grad=False).logp
+    lp = t.logp(ro)
     torch.testing.assert_close(lp[ro.response_mask], ro.rollout_logp[ro.response_mask], rtol=0, atol=1e-5)
 
 
@@ -150,14 +144,14 @@ def test_fp32_engine_shares_the_adapted_module(tmp_path, cache_dir, partial_rewa
 def test_final_merged_model_loads_and_matches_adapter(tmp_path, cache_dir, partial_reward):
     from peft import PeftModel
 
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     out = tmp_path / "run"
     cfg = lora_cfg(out, cache_dir, partial_reward, steps=3)
     train(cfg, log=lambda m: None)
     assert os.path.isfile(out / "final" / "config.json") and not os.path.exists(out / "final" / "adapter_config.json")
     assert os.path.isfile(out / "final_adapter" / "adapter_config.json")
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
     assert state["model"] and all("lora_" in k for k in state["model"])  # the adapter, not a copy of the model
 
     merged, tok = load_model(str(out / "final"))  # what --model RUN/final does
@@ -178,7 +172,7 @@ def test_final_merged_model_loads_and_matches_adapter(tmp_path, cache_dir, parti
 def test_resume_matches_uninterrupted(tmp_path, cache_dir, partial_reward):
     """Stopped after step 2 and started again on the same directory = one run of 4 steps (rel 1e-6; bit-identical
     on CPU): the adapter, its AdamW moments and the RNG come from the checkpoint, the frozen base from the model."""
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     kw = dict(steps=4, ckpt_every=2, eval_every=2)
     train(lora_cfg(tmp_path / "ref", cache_dir, partial_reward, **kw), log=lambda m: None)
@@ -203,18 +197,17 @@ def test_resume_matches_uninterrupted(tmp_path, cache_dir, partial_reward):
         (dict(lora_rank=-1), "--lora_rank must be >= 0"),
         (dict(lora_alpha=-1.0), "--lora_alpha must be >= 0"),
         (dict(lora_dropout=1.0), "--lora_dropout must be in [0, 1)"),
-        (dict(lora_dropout=0.05), "--lora_dropout 0.05: only 0 is supported"),
         (dict(lora_rank=4, lora_target="q_proj,,v_proj"), "--lora_target 'q_proj,,v_proj'"),
     ],
 )
 def test_bad_lora_config_fails_before_any_work(tmp_path, monkeypatch, kw, needle):
     import dppo.run.warmup
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr(dppo.run.warmup, "warm_start", boom)
+    monkeypatch.setattr(dppo.run.warmup, "warm_start_for", boom)
     with pytest.raises(ConfigError, match=re.escape(needle)):
         train(tiny_cfg(tmp_path / "bad", str(tmp_path / "c"), **kw), log=lambda m: None)
     assert not os.path.exists(tmp_path / "bad")
@@ -268,7 +261,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(tmp_path, cache_dir, par
     (t0, r0, c0), (t1, r1, c1) = runs
     assert r0["grad_norm"] > 0
     # with grad: one forward per mini-batch, plus its recompute in the backward when checkpointing
-    assert c1.count(True) == c0.count(True) * 2 == 2 * t0.cfg.minibatches
+    assert c1.count(True) == c0.count(True) * 2 == 2 * t0.cfg.optim.minibatches
     for k in r0:
         if not k.startswith(TIMING):
             assert r1[k] == pytest.approx(r0[k], rel=1e-6, abs=1e-9), k
@@ -279,8 +272,27 @@ def test_gradient_checkpointing_same_loss_and_gradients(tmp_path, cache_dir, par
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=n)
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-9, msg=n)
     # the engine (no grad) and evaluation are untouched by the switch
-    assert all(not m.training for m in t1.ckpt_modules)
+    assert t1.train_modules and all(not m.training for m in t1.train_modules)
     ev0, ev1 = t0.evaluate(1), t1.evaluate(1)
     assert {k: v for k, v in ev0.items() if not k.startswith(TIMING)} == \
         {k: v for k, v in ev1.items() if not k.startswith(TIMING)}
 
+
+
+def test_lora_dropout_acts_in_the_training_forward_only(tmp_path, cache_dir, partial_reward):
+    """--lora_dropout > 0: the adapters' dropout is on in the training forward (two forwards differ) and off in the
+    rollout engine, the recomputed anchor and evaluation (they stay deterministic); a step still trains."""
+    from dppo.run.batch import Batch
+
+    t = _trainer(lora_cfg(tmp_path / "r", cache_dir, partial_reward, lora_dropout=0.5, rollout_dtype="fp32"))
+    assert t.train_modules and all(isinstance(m, torch.nn.Dropout) for m in t.train_modules)
+    t.step(0)  # B != 0 after an update, so dropout on the adapter input changes the output
+    ro, *_ = t.rollout(1)
+    b = Batch.from_rollout(ro, torch.zeros(ro.response_ids.shape[0]))
+    a1, a2 = t.logp(ro), t.logp(ro)
+    torch.testing.assert_close(a1, a2, rtol=0, atol=0)  # no dropout without grad
+    torch.testing.assert_close(a1[ro.response_mask], ro.rollout_logp[ro.response_mask], rtol=0, atol=1e-5)
+    g1 = t._stats(b, grad=True).logp.detach()
+    g2 = t._stats(b, grad=True).logp.detach()
+    assert (g1 - g2).abs()[ro.response_mask].max() > 1e-6  # dropout is live in the training forward
+    assert all(not m.training for m in t.train_modules)  # and switched off again afterwards

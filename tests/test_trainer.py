@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from dppo.run.cli import build_parser, parse_config
-from dppo.run.config import ConfigError, TrainConfig
+from dppo.run.cli import parse_config
+from dppo.run.config import ConfigError, TrainConfig, config_dict, flat_names, make_config
 from dppo.run.metrics_log import read_metrics
 
 TINY = dict(hidden=32, layers=1, heads=2, warmup_steps=20, warmup_batch=32, task_digits=2, eval_per_level=10,
@@ -36,11 +36,11 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny_cfg(out, cache_dir, **kw) -> TrainConfig:
-    return TrainConfig(out=str(out), cache_dir=cache_dir, **{**TINY, **kw})
+    return make_config(out=str(out), cache_dir=cache_dir, **{**TINY, **kw})
 
 
 def test_smoke_run(tmp_path, cache_dir):
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     out = tmp_path / "run"
     logged = []
@@ -56,8 +56,11 @@ def test_smoke_run(tmp_path, cache_dir):
         assert 0 <= r["reward"] <= 1 and r["loss/abs_diff_mean"] >= 0
         assert r["loss/diff_min"] <= r["loss/diff_max"]
     saved = json.loads((out / "config.json").read_text())
-    assert saved["method"] == "dppo-binary-tv" and saved["seed"] == 0
-    assert os.path.isfile(out / "checkpoint" / "state.pt")
+    assert saved["method"]["name"] == "dppo-binary-tv" and saved["seed"] == 0
+    method = json.loads((out / "method.json").read_text())
+    assert method["estimator"] == "binary_tv" and method["delta_low"] == 0.15 and method["max_len_norm"] == 4
+    assert os.path.isfile(out / "checkpoints" / "step-00000003" / "state.pt")
+    assert os.path.isfile(out / "checkpoints" / "step-00000002" / "state.pt")  # the newest two are kept
     assert os.path.isfile(out / "curves.png")
     assert os.path.isdir(out / "tb") and os.listdir(out / "tb")
     assert os.path.isfile(out / "final" / "config.json")  # loadable with --model
@@ -83,18 +86,51 @@ def test_cli_subprocess_smoke_and_plot(tmp_path, cache_dir):
 
 
 def test_help_lists_every_option_with_default_and_citation():
-    text = " ".join(build_parser().format_help().split())
-    for f in dataclasses.fields(TrainConfig):
-        assert f"--{f.name}" in text, f.name
-    assert "default: dppo-binary-tv" in text and "§5.1" in text and "Table 1" in text
-    cfg = parse_config(["--method", "grpo", "--ratio_cap", "inf", "--no-tensorboard"])
-    assert cfg.method == "grpo" and cfg.ratio_cap == float("inf") and cfg.tensorboard is False
+    r = subprocess.run([sys.executable, "-m", "dppo", "train", "--help"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COLUMNS": "200"})
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    for flat, path in flat_names().items():  # every field, under its section.field name and its flat alias
+        assert f"--{path}" in text and f"--{flat}" in text, path
+    assert "(default: dppo-binary-tv)" in text and "§5.1" in text and "Table 1" in text
+    cfg = parse_config(["--method", "grpo", "--ratio_cap", "inf", "--no-tensorboard", "--optim.lr", "2e-5"])
+    assert cfg.method.name == "grpo" and cfg.method.ratio_cap == float("inf") and cfg.log.tensorboard is False
+    assert cfg.optim.lr == 2e-5 and cfg.method.delta_low is None  # None = the preset's value
+
+
+def test_config_file_round_trip_and_overrides(tmp_path):
+    """--config loads a saved config.json (nested), a flat one (older runs) or TOML; flags after it override it."""
+    from dppo.run.config import save_config
+
+    cfg = make_config(lr=3e-5, lora_rank=8, method="cispo@ratio_cap=3", steps=7)
+    save_config(cfg, str(tmp_path / "config.json"))
+    back = parse_config(["--config", str(tmp_path / "config.json"), "--steps", "9"])
+    assert config_dict(back) == {**config_dict(cfg), "steps": 9}
+    (tmp_path / "flat.json").write_text(json.dumps({"lr": 1e-3, "rollout_dtype": "fp32", "method": "grpo"}))
+    flat = parse_config(["--config", str(tmp_path / "flat.json")])
+    assert (flat.optim.lr, flat.rollout.dtype, flat.method.name) == (1e-3, "fp32", "grpo")
+    (tmp_path / "c.toml").write_text('steps = 3\n[optim]\nlr = 2e-6\n[lora]\nrank = 4\n')
+    toml = parse_config(["--config", str(tmp_path / "c.toml")])
+    assert (toml.steps, toml.optim.lr, toml.lora.rank) == (3, 2e-6, 4)
+    with pytest.raises(ConfigError, match="unknown option 'lrr'"):
+        make_config(lrr=1)
+
+
+def test_method_spec_overrides_reach_the_run():
+    from dppo.run.config import resolve_method
+
+    m = resolve_method(make_config(method="cispo@ratio_cap=3"))
+    assert m.ratio_cap == 3.0 and m.name == "cispo@ratio_cap=3"
+    m = resolve_method(make_config(method="dppo-binary-tv", delta_low=0.2, delta_high=0.25), max_new_tokens=9)
+    assert (m.delta_low, m.delta_high, m.max_len_norm) == (0.2, 0.25, 9)
+    with pytest.raises(ConfigError, match="unknown Method field"):
+        resolve_method(make_config(method="cispo@ratio_capp=3"))
 
 
 @pytest.mark.parametrize(
     "kw, needle",
     [
-        (dict(method="ppo2"), "--method 'ppo2' is not a preset"),
+        (dict(method="ppo2"), "--method 'ppo2': unknown method 'ppo2'"),
         (dict(group_size=1), "--group_size 1"),
         (dict(prompts_per_step=3, group_size=3, minibatches=4), "--minibatches"),
         (dict(model="/nonexistent/model"), "--model '/nonexistent/model' is not a directory"),
@@ -105,12 +141,12 @@ def test_help_lists_every_option_with_default_and_citation():
 )
 def test_bad_config_fails_before_any_work(tmp_path, monkeypatch, kw, needle):
     import dppo.run.warmup
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr(dppo.run.warmup, "warm_start", boom)
+    monkeypatch.setattr(dppo.run.warmup, "warm_start_for", boom)
     monkeypatch.setattr("dppo.hf.model.load_model", boom)
     with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
         train(tiny_cfg(tmp_path / "bad", str(tmp_path / "c"), **kw), log=lambda m: None)
@@ -124,9 +160,10 @@ def test_bad_config_cli_exit_code(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
-    import dppo.run.trainer as tr
+    import dppo.run.loop as tr
+    import dppo.run.trainer as trainer_mod
 
-    real = tr.policy_loss
+    real = trainer_mod.policy_loss
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -136,19 +173,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monk
             loss = loss * float("nan")
         return loss, m
 
-    monkeypatch.setattr(tr, "policy_loss", flaky)
+    monkeypatch.setattr(trainer_mod, "policy_loss", flaky)
     out = tmp_path / "nan"
     with pytest.raises(tr.NonFiniteError, match=r"step 3.*last good checkpoint \(step 2\)"):
         tr.train(tiny_cfg(out, cache_dir, steps=5), log=lambda m: None)
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
-    assert state["step"] == 2
+    from dppo.run.checkpoint import latest_step
+
+    assert latest_step(str(out)) == 2
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("method", ["dppo-binary-kl-recompute", "dppo-topk-tv", "grpo", "drpo"])
 def test_method_paths_run(tmp_path, cache_dir, method):
     """Recompute anchors get the extra forward (timed), Top-K methods get μ's top-K from the rollout."""
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     rows = train(tiny_cfg(tmp_path / method, cache_dir, method=method, steps=1, eval_every=0, plot=False,
                           tensorboard=False), log=lambda m: None)
@@ -177,23 +215,31 @@ def _save_tiny_real_model(path):
 
 
 def test_local_model_path_with_chat_template_and_jsonl(tmp_path):
-    from dppo.run.trainer import Trainer, train
+    from dppo.run.loop import train
+    from dppo.run.trainer import Trainer
 
     model_dir = tmp_path / "model"
     _save_tiny_real_model(str(model_dir))
-    cfg = TrainConfig(out=str(tmp_path / "real"), model=str(model_dir), task="jsonl", max_new_tokens=6,
+    cfg = make_config(out=str(tmp_path / "real"), model=str(model_dir), task="jsonl", max_new_tokens=6,
                       prompts_per_step=2, group_size=2, minibatches=2, steps=1, eval_every=0, eval_samples=1,
                       threads=1, progress=False, plot=False, tensorboard=False, rollout_dtype="fp32")
     rows = train(cfg, log=lambda m: None)
     assert rows[-1]["step"] == 1 and rows[-1]["response_len"] <= 6
     t = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "r2")), log=lambda m: None)
-    ro, _, _, _ = t.rollout(0)
-    prompt = t.tok.decode(ro.prompt_ids[0][ro.prompt_mask[0]])
-    assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>")  # chat template applied
+    seen = {}
+    real_generate = t.engine.generate
+
+    def spy(ids, mask, *a, **k):
+        seen["prompt"] = t.tok.decode(ids[0][mask[0]])
+        return real_generate(ids, mask, *a, **k)
+
+    t.engine.generate = spy
+    t.step(0)
+    assert seen["prompt"].startswith("<|user|>") and seen["prompt"].endswith("<|assistant|>")  # chat template
 
 
 def test_custom_reward_function(tmp_path, cache_dir, monkeypatch):
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))
     rows = train(tiny_cfg(tmp_path / "cr", cache_dir, reward="my_rewards:contains_answer", steps=1, eval_every=0,
@@ -206,7 +252,7 @@ def test_pre_update_mismatch_isolates_the_engine(tmp_path, cache_dir, monkeypatc
     """mismatch/* is measured before the step's first update, so with an fp32 engine (same weights, same precision,
     only KV-cache vs full-sequence kernels differ) it is ~0: the whole pipeline (temperature, position ids, response
     offsets) lines up. A bf16 engine shows a real mismatch, and the all-updates |π−μ| includes the policy's drift."""
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))  # partial credit: Â ≠ 0, π moves
     rows = train(tiny_cfg(tmp_path / rollout_dtype, cache_dir, rollout_dtype=rollout_dtype, steps=2, eval_every=0,
@@ -227,7 +273,7 @@ def test_micro_batching_does_not_change_the_update(tmp_path, cache_dir, monkeypa
     """--micro_batch_size accumulates gradients with the mini-batch's aggregation denominator, so the same step gives
     the same loss and gradient norms as one forward per mini-batch (fp32 summation order aside), even for the means
     whose micro-batches hold different numbers of tokens."""
-    from dppo.run.trainer import train
+    from dppo.run.loop import train
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))  # partial credit: Â ≠ 0
     kw = dict(steps=1, eval_every=0, plot=False, tensorboard=False, aggregation=aggregation,

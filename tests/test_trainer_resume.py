@@ -1,5 +1,6 @@
-"""A run killed with SIGKILL mid-way and started again on the same directory ends with exactly the metrics of an
-uninterrupted run of the same seed, with no metric line lost or duplicated.
+"""A run killed with SIGKILL mid-way, or stopped by SIGTERM (a scheduler's preemption notice), and started again on
+the same directory ends with exactly the metrics of an uninterrupted run of the same seed, with no metric line lost
+or duplicated. SIGTERM additionally writes a checkpoint of the last finished step and exits with status 75.
 
 Tolerance: every non-timing metric must agree to 1e-6 (relative). On CPU with the same thread count the runs are in
 fact bit-identical: each step's prompts, sampling and mini-batch order come from (seed, step)-keyed generators, and
@@ -44,28 +45,49 @@ def _lines(path):
     return read_metrics(str(path)) if os.path.exists(path) else []
 
 
-@pytest.mark.parametrize("extra", [
-    pytest.param((), id="full"),
-    pytest.param(LORA, id="lora", marks=pytest.mark.skipif(importlib.util.find_spec("peft") is None,
-                                                           reason="peft not installed (pip install 'dppo[lora]')")),
-])
-def test_sigkill_resume_matches_uninterrupted(tmp_path, monkeypatch, extra):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [DATA, os.environ.get("PYTHONPATH")])))
-    cache = tmp_path / "cache"
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(_cmd(ref, cache, extra), check=True, capture_output=True, timeout=180)  # also fills the cache
+_REFERENCE: dict = {}
 
-    p = subprocess.Popen(_cmd(run, cache, extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+_NO_PEFT = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                              reason="peft not installed (pip install 'dppo[lora]')")
+
+
+@pytest.mark.parametrize("extra, sig", [
+    pytest.param((), signal.SIGKILL, id="full-SIGKILL"),
+    pytest.param((), signal.SIGTERM, id="full-SIGTERM"),
+    pytest.param(LORA, signal.SIGKILL, id="lora-SIGKILL", marks=_NO_PEFT),  # the stop path is the same with LoRA
+])
+def test_interrupted_resume_matches_uninterrupted(tmp_path_factory, tmp_path, monkeypatch, extra, sig):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [DATA, os.environ.get("PYTHONPATH")])))
+    key = tuple(extra)
+    if key not in _REFERENCE:  # one uninterrupted reference per setting, shared by both signals
+        base = tmp_path_factory.mktemp("ref")
+        subprocess.run(_cmd(base / "ref", base / "cache", extra), check=True, capture_output=True, timeout=180)
+        _REFERENCE[key] = base
+    cache, ref, run = _REFERENCE[key] / "cache", _REFERENCE[key] / "ref", tmp_path / "run"
+
+    p = subprocess.Popen(_cmd(run, cache, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
-        if len(_lines(run / "metrics.jsonl")) >= 6:  # steps 0..5 written; last checkpoint at step 3
+        if len(_lines(run / "metrics.jsonl")) >= 6:  # steps 0..5 written; last periodic checkpoint at step 3
             break
         time.sleep(0.005)
-    assert p.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    assert p.poll() is None, "the run finished before it could be stopped; make it longer"
+    t0 = time.time()
+    os.kill(p.pid, sig)
+    _, err = p.communicate(timeout=60)
     killed_at = len(_lines(run / "metrics.jsonl")) - 1
     assert killed_at < ARGS["steps"]
+    if sig == signal.SIGTERM:
+        from dppo.run.checkpoint import latest_step
+
+        assert p.returncode == 75 and time.time() - t0 < 30, (p.returncode, err[-2000:])
+        assert f"stopped by SIGTERM after step {killed_at} of {ARGS['steps']}" in err
+        assert "run the same command again to resume" in err
+        assert latest_step(str(run)) == killed_at  # a checkpoint of the last finished step, beyond the periodic one
+        assert not os.path.exists(run / "final")
+    else:
+        assert p.returncode == -signal.SIGKILL
 
     subprocess.run(_cmd(run, cache, extra), check=True, capture_output=True, timeout=180)
     a, b = _lines(ref / "metrics.jsonl"), _lines(run / "metrics.jsonl")

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Method", "PRESETS", "get_method", "ESTIMATORS", "AGGREGATIONS"]
+__all__ = ["Method", "PRESETS", "get_method", "method_from_spec", "ESTIMATORS", "AGGREGATIONS"]
 
 INF = math.inf
 
@@ -205,3 +205,29 @@ def get_method(method: Method | str) -> Method:
 def replace(method: Method | str, **changes: object) -> Method:
     """``dataclasses.replace`` that also accepts a preset name."""
     return dataclasses.replace(get_method(method), **changes)  # type: ignore[arg-type]
+
+
+def method_from_spec(spec: str, **changes: object) -> Method:
+    """A Method from ``"NAME"`` or ``"NAME@field=value,field=value"`` (``"cispo@ratio_cap=3"``), then ``changes``.
+    Values are parsed as int, float (``inf`` included) or string; an unknown preset or field is a ValueError that
+    names it."""
+    name, _, rest = spec.partition("@")
+    over: dict[str, object] = {}
+    for kv in filter(None, rest.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq:
+            raise ValueError(f"bad override {kv!r} in {spec!r}: expected field=value")
+        try:
+            val: object = int(v) if v.strip().lstrip("-").isdigit() else float(v)
+        except ValueError:
+            val = v.strip()
+        over[k.strip()] = val
+    if over:
+        over.setdefault("name", spec)  # the label in logs says what was overridden
+    over.update(changes)
+    m = get_method(name.strip())
+    known = {f.name for f in dataclasses.fields(Method)}
+    bad = sorted(set(over) - known)
+    if bad:
+        raise ValueError(f"unknown Method field(s) {', '.join(bad)} in {spec!r}; fields: {', '.join(sorted(known))}")
+    return dataclasses.replace(m, **over) if over else m  # type: ignore[arg-type]

@@ -5,3 +5,22 @@ def contains_answer(prompt: str, response: str, answer: str) -> float:
     if answer in response:
         return 1.0
     return 0.5 if any(c.isdigit() for c in response) else 0.0
+
+
+def starts_with_seven(prompt: str, response: str, answer: str) -> float:
+    """A task any policy masters in a few RL steps: put mass on '7' as the first token (tests/test_learning.py)."""
+    return 1.0 if response[:1] == "7" else 0.0
+
+
+def nan_on_seven(prompt: str, response: str, answer: str):
+    return float("nan") if "7" in response else 0.0
+
+
+def raises_on_seven(prompt: str, response: str, answer: str):
+    if "7" in response:
+        raise ZeroDivisionError("the grader divided by zero")
+    return 0.0
+
+
+def string_on_seven(prompt: str, response: str, answer: str):
+    return "correct" if "7" in response else 0.0

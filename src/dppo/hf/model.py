@@ -17,22 +17,29 @@ from torch import Tensor
 
 __all__ = [
     "build_char_tokenizer", "build_tiny_model", "load_model", "ResponseStats", "response_stats",
-    "position_ids_from_mask", "DTYPES", "enable_gradient_checkpointing", "checkpointing_active", "decoder_and_head",
+    "position_ids_from_mask", "DTYPES", "enable_gradient_checkpointing", "training_mode", "decoder_and_head",
+    "eos_token_ids",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
-def build_char_tokenizer(alphabet: str):
+def build_char_tokenizer(alphabet: str, vocab_size: int = 0):
     """A character-level ``PreTrainedTokenizerFast``: one token per character of ``alphabet`` plus
-    <pad>=0, <bos>=1, <eos>=2, <unk>=3; encoding prepends <bos>. Built from a ``tokenizers`` WordLevel model, so ``save_pretrained`` /
-    ``AutoTokenizer.from_pretrained`` / ``decode`` behave as for any hub tokenizer."""
+    <pad>=0, <bos>=1, <eos>=2, <unk>=3; encoding prepends <bos>. Built from a ``tokenizers`` WordLevel model, so
+    ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` / ``decode`` behave as for any hub tokenizer.
+
+    ``vocab_size`` > the alphabet's: the vocabulary is padded with tokens ``<x17>``, ``<x18>``, … that no text
+    contains (the encoder never produces them) but the model can sample, and that decode to their name: a long
+    tail of real logits, as in a 150k-token vocabulary, for the Top-K estimators' "other" cell."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(alphabet))
-    vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + chars)}
+    names = list(SPECIAL_TOKENS) + chars
+    names += [f"<x{i}>" for i in range(len(names), vocab_size)]
+    vocab = {t: i for i, t in enumerate(names)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character is a token
     tk.decoder = decoders.Fuse()  # join characters back without separators
@@ -115,11 +122,11 @@ def enable_gradient_checkpointing(model) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def checkpointing_active(modules: list[torch.nn.Module]):
-    """Within the block, the modules returned by :func:`enable_gradient_checkpointing` are in training mode (their
-    children, dropout included, keep their own mode), so a forward with grad checkpoints every layer. The backward
-    may run after the block: the recompute calls the layer's forward directly and reads no ``training`` flag of
-    the layer itself."""
+def training_mode(modules: list[torch.nn.Module]):
+    """Within the block, exactly these modules are in training mode (their children keep their own mode): the
+    decoder layers returned by :func:`enable_gradient_checkpointing`, so a forward with grad checkpoints every
+    layer, and LoRA's dropout modules when LoRA dropout is on. The backward may run after the block: the recompute
+    calls the layer's forward directly and reads no ``training`` flag of the layer itself."""
     before = [m.training for m in modules]
     for m in modules:
         m.training = True
@@ -206,3 +213,39 @@ def response_stats(
                                          gather_ids=gather_ids, entropy=entropy)
     return ResponseStats(logp=st.logp, entropy=st.entropy, gathered_logp=st.gathered_logp)
 
+
+
+def eos_token_ids(model, tok, extra: tuple[str, ...] = ()) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS, the model's ``generation_config.eos_token_id`` (an int or
+    a list), the chat template's end-of-turn token (found by rendering a one-turn conversation and taking the first
+    special token after the assistant's text, e.g. ``<|im_end|>`` for Qwen), and each string of ``extra`` (which
+    must be a single token of the tokenizer)."""
+    ids = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    if getattr(tok, "chat_template", None):
+        ids.add(_end_of_turn_id(tok))
+    for s in extra:
+        tid = tok.convert_tokens_to_ids(s)
+        if tid is None or tid == tok.unk_token_id:
+            enc = tok(s, add_special_tokens=False)["input_ids"]
+            if len(enc) != 1:
+                raise ValueError(f"--eos_tokens {s!r} is not one token of the tokenizer (it encodes to {enc})")
+            tid = enc[0]
+        ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def _end_of_turn_id(tok) -> int | None:
+    marker = "dppoXq7"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "1"}, {"role": "assistant", "content": marker}],
+                                       tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this conversation has no usable end-of-turn
+        return None
+    tail = text.split(marker, 1)[1] if marker in text else ""
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    for tid in tok(tail, add_special_tokens=False)["input_ids"]:
+        if tid in special:
+            return tid
+    return None

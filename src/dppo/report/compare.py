@@ -11,11 +11,14 @@ Layout of ``OUT``::
     OUT/<metric>.png                         curves: mean over seeds, shaded min–max spread
     OUT/summary.json                         the table as data
 
-* **Methods** are preset names (``dppo.PRESETS``), optionally with field overrides after ``@``:
-  ``cispo@ratio_cap=3``, ``dppo-binary-tv@delta_low=0.2,delta_high=0.2``. The label is the whole spec.
-* **Runner**: ``--runner dppo`` (default) runs ``python -m dppo train``; ``--runner minilab`` runs
-  ``experiments/minilab.py train`` (the miniature lab of docs/results.md); ``--cmd`` takes any template with the
-  fields ``{python} {method} {overrides} {seed} {run_dir}``. Arguments after ``--`` go to every run unchanged.
+* **Methods** are preset names (``dppo.PRESETS``), optionally with Method field overrides after ``@``:
+  ``cispo@ratio_cap=3``, ``dppo-binary-tv@delta_low=0.2,delta_high=0.2``. The label is the whole spec, and the whole
+  spec reaches the run (``dppo train --method SPEC``), which records the method it resolved in ``method.json``; the
+  report prints it per label.
+* **Runner**: ``python -m dppo train`` (default); ``--cmd`` takes any template with the fields
+  ``{python} {method} {spec} {overrides} {seed} {run_dir}`` (``{method}`` is the preset name, ``{spec}`` the whole
+  spec, ``{overrides}`` the overrides as JSON); a template that uses neither ``{spec}`` nor ``{overrides}`` is refused
+  for a spec with overrides, naming it. Arguments after ``--`` go to every run unchanged.
 * **Resumable**: a run whose directory holds ``done.json`` is skipped; an unfinished one is started again with the
   same directory (the runners resume from their checkpoint). ``--report-only`` just rebuilds the report.
 * **Parallel**: ``--jobs N`` runs N processes at a time (each one thread unless the runner says otherwise).
@@ -37,40 +40,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dppo.metrics import describe
 from dppo.run.machine import machine_info, machine_line
 
 __all__ = [
     "parse_method_spec", "load_runs", "summarise", "plot_curves", "write_report", "steps_to_target", "main",
-    "RUNNERS",
+    "RUNNER",
 ]
 
-RUNNERS = {
-    "dppo": "{python} -m dppo train --method {method} --seed {seed} --out {run_dir}",
-    "minilab": "{python} experiments/minilab.py train --method {method} --method-overrides {overrides} "
-               "--seed {seed} --out {run_dir}",
-}
+RUNNER = "{python} -m dppo train --method {spec} --seed {seed} --out {run_dir}"
 
-DEFAULT_METRICS = ("reward", "mismatch_abs_mean", "masked_frac", "entropy", "heldout_acc")
-METRIC_TITLES = {
-    "reward": "training reward (mean over the rollout batch)",
-    "mismatch_abs_mean": "mean |π − μ| (fp32 trainer vs rollout engine, same weights)",
-    "abs_diff_mean": "mean |π − μ| over the update",
-    "masked_frac": "fraction of tokens masked",
-    "entropy": "policy entropy (nats / token)",
-    "heldout_acc": "held-out accuracy (greedy)",
-    "eval/accuracy": "held-out accuracy (sampled, T = 1)",
-    "eval/greedy_accuracy": "held-out accuracy (greedy)",
-    "loss/abs_diff_mean": "mean |π − μ| over the update",
-    "loss/masked_frac": "fraction of tokens masked",
-}
+DEFAULT_METRICS = ("reward", "mismatch/abs_diff_mean", "loss/abs_diff_mean", "loss/masked_frac", "entropy",
+                   "eval/accuracy")
 
-
-# Summary quantity → the metric keys that carry it, first present wins: minilab's name, then `dppo train`'s.
-# (minilab's mismatch is |π − μ| before the update, same weights; `dppo train` logs it over the update's minibatches.)
+# Summary column → the one metric it reads (meanings: dppo.metrics).
 SUMMARY_KEYS = {
-    "mismatch": ("mismatch_abs_mean", "loss/abs_diff_mean"),
-    "masked_frac": ("masked_frac", "loss/masked_frac"),
-    "heldout_acc": ("heldout_acc", "eval/accuracy"),
+    "mismatch": "mismatch/abs_diff_mean",
+    "drift": "loss/abs_diff_mean",
+    "masked_frac": "loss/masked_frac",
+    "heldout_acc": "eval/accuracy",
 }
 
 
@@ -87,11 +75,9 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
         except ValueError:
             val = v
         over[k.strip()] = val
-    from dppo.methods import get_method, replace
+    from dppo.methods import method_from_spec
 
-    get_method(name)  # unknown names fail here, before any run starts
-    if over:
-        replace(name, **over)  # and bad fields too
+    method_from_spec(spec)  # unknown presets and bad fields fail here, before any run starts
     return name, over
 
 
@@ -132,21 +118,27 @@ def _series(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _series_any(recs: list[dict], keys: tuple[str, ...]) -> list[float]:
-    """Values of the first of ``keys`` that the records carry (see SUMMARY_KEYS)."""
-    for key in keys:
-        ys = _series(recs, key)[1]
-        if ys:
-            return ys
-    return []
-
-
 def _mean_std(vals: list[float]) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
     m = sum(vals) / len(vals)
     s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
     return m, s
+
+
+def _title(key: str) -> str:
+    return f"{key}: {describe(key)}" if describe(key) != key else key
+
+
+def _resolved_methods(root: Path) -> dict[str, str]:
+    """``{label: "field=value, …"}`` from the first seed's ``method.json`` of every label."""
+    out = {}
+    base = Path(root) / "runs"
+    for mdir in sorted(base.iterdir()) if base.exists() else []:
+        for path in sorted(mdir.glob("seed*/method.json"))[:1]:
+            m = json.loads(path.read_text())
+            out[mdir.name] = ", ".join(f"{k}={v}" for k, v in m.items())
+    return out
 
 
 def steps_to_target(recs: list[dict], key: str, target: float) -> int | None:
@@ -183,12 +175,13 @@ def summarise(runs: dict[str, dict[int, list[dict]]], *, last_frac: float = 0.2,
             add("peak_reward", max(rw) if rw else None)
             if rw and max(rw) >= 0.2 and fin is not None and fin < collapse_drop * max(rw):
                 collapsed += 1
-            mm = _series_any(recs, SUMMARY_KEYS["mismatch"])
+            mm = _series(recs, SUMMARY_KEYS["mismatch"])[1]
             add("final_mismatch", mean(tail(mm)))
             add("peak_mismatch", max(mm) if mm else None)
+            add("final_drift", mean(tail(_series(recs, SUMMARY_KEYS["drift"])[1])))
             add("final_entropy", mean(tail(_series(recs, "entropy")[1])))
-            add("masked_frac", mean(_series_any(recs, SUMMARY_KEYS["masked_frac"])))
-            ho = _series_any(recs, SUMMARY_KEYS["heldout_acc"])
+            add("masked_frac", mean(_series(recs, SUMMARY_KEYS["masked_frac"])[1]))
+            ho = _series(recs, SUMMARY_KEYS["heldout_acc"])[1]
             add("final_heldout_acc", ho[-1] if ho else None)
             add("steps", float(len(recs)))
             if target:
@@ -240,9 +233,9 @@ def plot_curves(runs: dict[str, dict[int, list[dict]]], metrics=DEFAULT_METRICS,
             ls = "-" if i < 10 else "--"
             ax.plot(xs, mean, color=color, ls=ls, lw=1.4, label=f"{label} (n={len(seeds)})")
             ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
-        ax.set_title(METRIC_TITLES.get(key, key), fontsize=10)
+        ax.set_title(_title(key), fontsize=10)
         ax.set_xlabel("step (rollout batch)")
-        if key in ("mismatch_abs_mean",):
+        if key.endswith("abs_diff_mean"):
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
@@ -268,15 +261,17 @@ def _fmt(ms: tuple[float, float] | None, digits: int = 3) -> str:
 def summary_table(summary: dict[str, dict]) -> str:
     """Markdown table of :func:`summarise`'s output."""
     has_target = any("target" in r for r in summary.values())
-    head = ["method", "seeds", "final reward", "peak reward", "collapsed", "final mean abs(π−μ)",
-            "peak mean abs(π−μ)", "masked frac", "final entropy", "final held-out acc"]
+    head = ["method", "seeds", "final reward", "peak reward", "collapsed", "final pre-update abs(π−μ)",
+            "peak pre-update abs(π−μ)", "final abs(π−μ) over updates", "masked frac", "final entropy",
+            "final held-out acc"]
     if has_target:
         head.append("steps to target (reached)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in summary.items():
         cells = [f"`{label}`", str(r["seeds"]), _fmt(r.get("final_reward")), _fmt(r.get("peak_reward")),
                  f"{r['collapsed_seeds']}/{r['seeds']}", _fmt(r.get("final_mismatch"), 4),
-                 _fmt(r.get("peak_mismatch"), 4), _fmt(r.get("masked_frac"), 4), _fmt(r.get("final_entropy")),
+                 _fmt(r.get("peak_mismatch"), 4), _fmt(r.get("final_drift"), 4), _fmt(r.get("masked_frac"), 4),
+                 _fmt(r.get("final_entropy")),
                  _fmt(r.get("final_heldout_acc"))]
         if has_target:
             t = r.get("target") or {}
@@ -308,9 +303,12 @@ def write_report(out: Path, runs: dict[str, dict[int, list[dict]]], *, title: st
     md += [summary_table(summary), "",
            "Final = mean over the last 20 % of steps; ± is the standard deviation over seeds. *Collapsed*: final "
            "reward below half the run's peak (peak ≥ 0.2). Raw per-step metrics: `runs/<method>/seed<s>/metrics.jsonl`.",
-           "Columns read the first metric key the runs log: "
-           + "; ".join(f"{k}: {' or '.join(f'`{x}`' for x in v)}" for k, v in SUMMARY_KEYS.items()) + ".",
+           "Columns: " + "; ".join(f"{k} = `{v}` ({describe(v)})" for k, v in SUMMARY_KEYS.items()) + ".",
            ""]
+    methods = _resolved_methods(out)
+    if methods:
+        md += ["Resolved methods (each run's `method.json`):", ""]
+        md += [f"- `{label}`: {m}" for label, m in methods.items()] + [""]
     if notes:
         md += [notes, ""]
     (out / "report.md").write_text("\n".join(md))
@@ -347,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated ints (default 0,1,2)")
     ap.add_argument("--out", required=True, type=Path, help="report directory")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (processes)")
-    ap.add_argument("--runner", choices=sorted(RUNNERS), default="dppo")
-    ap.add_argument("--cmd", default=None, help="command template; overrides --runner")
+    ap.add_argument("--cmd", default=None, help="command template instead of `python -m dppo train` (fields in the "
+                    "module docstring)")
     ap.add_argument("--title", default="dppo compare")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="metrics to plot")
     ap.add_argument("--target", default=None, help="METRIC=VALUE: report steps until METRIC ≥ VALUE")
@@ -374,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.target:
         k, _, v = args.target.partition("=")
         target = (k, float(v))
-    template = args.cmd or RUNNERS[args.runner]
+    template = args.cmd or RUNNER
+    for label, (_, over) in methods.items():
+        if over and "{spec}" not in template and "{overrides}" not in template:
+            print(f"dppo compare: --cmd has neither {{spec}} nor {{overrides}}, so the overrides of {label!r} would "
+                  "not reach the run; add one of them to the template", file=sys.stderr)
+            return 2
     full_cmd = "python -m dppo compare " + shlex.join(list(argv) + (["--", *extra] if extra else []))
     t0 = time.time()
     if not args.report_only:
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = args.out / "runs" / label / f"seed{seed}"
                 if (run_dir / "done.json").exists():
                     continue
-                fields = dict(python=shlex.quote(sys.executable), method=shlex.quote(name),
+                fields = dict(python=shlex.quote(sys.executable), method=shlex.quote(name), spec=shlex.quote(label),
                               overrides=shlex.quote(json.dumps(over)), seed=seed, run_dir=shlex.quote(str(run_dir)))
                 cmd = shlex.split(template.format(**fields)) + extra
                 jobs.append((cmd, run_dir))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from dppo.run.metrics_log import read_metrics
@@ -37,9 +36,11 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     title = run_dir
     cfg_path = os.path.join(run_dir, "config.json")
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            c = json.load(f)
-        title = f"{c.get('method')} · {c.get('task')} · {os.path.basename(c.get('model') or 'tiny qwen3')} · seed {c.get('seed')}"
+        from dppo.run.config import config_dict, load_config
+
+        c = config_dict(load_config(cfg_path))
+        model = os.path.basename(c["model.path"].rstrip("/")) or f"tiny {c['model.arch']}"
+        title = f"{c['method.name']} · {c['task.name']} · {model} · seed {c['seed']}"
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     for ax, (name, series) in zip(axes.flat, PANELS):
         drawn = False

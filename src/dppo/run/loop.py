@@ -1,0 +1,181 @@
+"""The run around the steps: start or resume, evaluate, checkpoint, log, stop cleanly, export.
+
+* **Resume.** Starting again on a run directory with a checkpoint resumes from the newest readable one (a corrupt
+  newest one falls back to the one before, :mod:`dppo.run.checkpoint`); ``metrics.jsonl`` is cut to that step.
+  Resumed runs reproduce the uninterrupted run's metrics (tested).
+* **Preemption.** SIGTERM or SIGINT (a scheduler's preemption notice, Ctrl-C) requests a stop: a step that has not
+  made its first update yet is abandoned, one that has is finished; then a checkpoint is written, the logs are
+  flushed and the run exits with status 75 and a line saying how to resume. A second signal stops at once.
+* **Failures.** A NaN/inf loss or gradient stops the run and keeps the last good checkpoint; a checkpoint write that
+  fails stops the run naming the path and the cause (the previous checkpoint stays usable); a reward function that
+  fails stops it naming the prompt and response (or scores it 0 with ``--on_bad_reward zero``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+
+from dppo.run.checkpoint import latest_step, load_latest
+from dppo.run.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, save_config, validate
+from dppo.run.evaluate import eval_summary
+from dppo.run.export import save_final
+from dppo.run.machine import record_machine
+from dppo.run.metrics_log import MetricsLog, read_metrics, summary_line
+from dppo.run.trainer import NonFiniteError, StepAbandoned, Trainer
+
+__all__ = ["train", "NonFiniteError", "Preempted"]
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; rerunning the same command resumes it."""
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag the loop polls; the second one restores the default handlers and re-raises."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no clean stop
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """A run directory holding another run's checkpoint is an error, not a silent resume with new settings."""
+    path = os.path.join(cfg.out, "config.json")
+    if not os.path.isfile(path):
+        return
+    old, new = config_dict(load_config(path)), config_dict(cfg)
+    diff = [k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k]]
+    if diff:
+        lines = ", ".join(f"{k}: {old.get(k)!r} → {new[k]!r}" for k in diff)
+        raise ConfigError(f"{cfg.out} holds a checkpoint of a run with other settings ({lines}); pass a new --out "
+                          "directory, or the same settings to resume it")
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def train(cfg: TrainConfig, log=None) -> list[dict]:
+    """Run (or resume) the training job of ``cfg``; returns the metric records written by this invocation."""
+    if log is None:
+        def log(msg):
+            print(msg, file=sys.stderr, flush=True)
+    validate(cfg)
+    resuming = latest_step(cfg.out) is not None
+    if resuming:
+        _check_resume(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    with _StopRequest() as stop:
+        trainer = Trainer(cfg, log=log, should_stop=stop)
+        start = 0
+        if resuming:  # before anything is written: a checkpoint that cannot be loaded leaves the directory as it was
+            state = load_latest(cfg.out, model=trainer.model, optimizer=trainer.optimizer,
+                                scheduler=trainer.scheduler, map_location=cfg.device, log=log)
+            start = int(state["step"])
+            log(f"resuming {cfg.out} from step {start}")
+        save_config(cfg, os.path.join(cfg.out, "config.json"))
+        with open(os.path.join(cfg.out, "method.json"), "w") as f:
+            json.dump({k: _jsonable(v) for k, v in dataclasses.asdict(trainer.method).items()}, f, indent=2)
+        record_machine(cfg.out, start, log)
+        mlog = MetricsLog(cfg.out, resume_step=start if resuming else None, tensorboard=cfg.log.tensorboard,
+                          report_to=cfg.log.report_to, config=config_dict(cfg), log=log)
+        written: list[dict] = []
+        try:
+            written = _steps(cfg, trainer, mlog, start, stop, log, initial_eval=not any(
+                r.get("step") == 0 for r in read_metrics(mlog.path)))
+        finally:
+            mlog.close()
+    if start < cfg.steps:
+        save_final(trainer.model, trainer.tok, os.path.join(cfg.out, "final"), base_model_path=trainer.model_path)
+        summary = eval_summary(read_metrics(os.path.join(cfg.out, "metrics.jsonl")))
+        if summary:
+            log(summary)
+    if cfg.log.plot:
+        try:
+            from dppo.report.plot import plot_run
+
+            log(f"curves: {plot_run(cfg.out)}")
+        except ImportError:
+            pass
+    return written
+
+
+def _steps(cfg: TrainConfig, trainer: Trainer, mlog: MetricsLog, start: int, stop: _StopRequest, log, *,
+           initial_eval: bool) -> list[dict]:
+    written: list[dict] = []
+    if initial_eval:
+        rec = {"step": 0, **trainer.evaluate(0)}
+        mlog.write(rec)
+        written.append(rec)
+        log(f"step 0 (before RL): held-out accuracy {rec['eval/accuracy']:.3f}"
+            + (f", greedy {rec['eval/greedy_accuracy']:.3f}" if "eval/greedy_accuracy" in rec else ""))
+    bar = None
+    if cfg.log.progress and start < cfg.steps:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="dppo", unit="step", dynamic_ncols=True)
+    last_eval: dict = {}
+    done = start
+    for step in range(start, cfg.steps):
+        try:
+            rec = trainer.step(step)
+        except StepAbandoned:
+            break
+        except NonFiniteError as e:
+            kept = latest_step(cfg.out)
+            raise NonFiniteError(
+                f"{e}: stopping. The last good checkpoint (step {kept if kept is not None else 'none'}) is kept in "
+                f"{cfg.out}/checkpoints; lower --lr, set --grad_clip, or pick a method with a trust region, then start "
+                "again on the same --out to resume from it") from None
+        done = step + 1
+        if done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
+            last_eval = trainer.evaluate(done)
+            rec.update(last_eval)
+        mlog.write(rec)
+        written.append(rec)
+        if done == cfg.steps or (cfg.log.ckpt_every and done % cfg.log.ckpt_every == 0):
+            trainer.save(done)
+        if bar is not None:
+            bar.set_postfix({**summary_line({**last_eval, **rec})}, refresh=False)
+            bar.update(1)
+        if stop():
+            break
+    if bar is not None:
+        bar.close()
+    if stop() and done < cfg.steps:
+        if latest_step(cfg.out) != done:
+            trainer.save(done)
+        name = signal.Signals(stop.signal).name
+        raise Preempted(f"stopped by {name} after step {done} of {cfg.steps}: checkpoint of step {done} written to "
+                        f"{cfg.out}/checkpoints and the logs flushed; run the same command again to resume")
+    return written
