@@ -12,9 +12,9 @@ demo:
 	@bash scripts/bootstrap.sh ""
 	$(PY) -m dppo demo
 
-# lora: peft (+ accelerate, psutil) is a few MB and installs in seconds, so the LoRA tests run in CI too
+# lora: peft (+ accelerate, psutil) and wandb install in seconds, so the LoRA and W&B tests run in CI too
 test:
-	@bash scripts/bootstrap.sh test,train,lora
+	@bash scripts/bootstrap.sh test,train,lora,wandb
 	$(PY) -m pytest -q tests
 
 # Peer and trainer benchmarks (minutes; installs trl). The token-statistics benchmark (30 min) runs on its own:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dppo.report import compare
+from dppo.report import compare, summary
 
 
 def _fake(root, label, seed, rewards, mismatch=0.003):
@@ -36,9 +36,9 @@ def test_report_from_fake_metrics(tmp_path):
     _fake(tmp_path, "stable", 0, [0.2, 0.5, 0.8, 0.9, 0.95])
     _fake(tmp_path, "stable", 1, [0.3, 0.6, 0.7, 0.9, 1.0])
     _fake(tmp_path, "collapses", 0, [0.3, 0.6, 0.8, 0.1, 0.0])
-    runs = compare.load_runs(tmp_path)
+    runs = summary.load_runs(tmp_path)
     assert set(runs) == {"stable", "collapses"} and len(runs["stable"][0]) == 5
-    s = compare.write_report(tmp_path, runs, title="fake", command="dppo compare ...", wall_s=12.0,
+    s = summary.write_report(tmp_path, runs, title="fake", command="dppo compare ...", wall_s=12.0,
                              target=("eval/accuracy", 0.9))
     assert s["collapses"]["collapsed_seeds"] == 1 and s["stable"]["collapsed_seeds"] == 0
     assert s["stable"]["target"]["steps"] == [3, 3] and s["collapses"]["target"]["reached"] == 0
@@ -65,7 +65,7 @@ def test_orchestration_resumes_and_passes_args(tmp_path):
     argv = ["--methods", "grpo,pg-is", "cispo@ratio_cap=3", "--seeds", "0,1", "--out", str(out), "--jobs", "2",
             "--cmd", cmd, "--", "--steps", "3"]
     assert compare.main(argv) == 0
-    runs = compare.load_runs(out)
+    runs = summary.load_runs(out)
     assert set(runs) == {"grpo", "pg-is", "cispo@ratio_cap=3"} and all(len(v) == 2 for v in runs.values())
     got = runs["cispo@ratio_cap=3"][1][0]["argv"]
     assert got[got.index("--method") + 1] == "cispo" and json.loads(got[got.index("--over") + 1]) == {"ratio_cap": 3}
@@ -76,7 +76,7 @@ def test_orchestration_resumes_and_passes_args(tmp_path):
     assert f"{os.cpu_count()} cores" in machine and f"Machine: {machine}." in (out / "report.md").read_text()
     # second call: every run has done.json, so nothing is re-run (metrics not appended twice)
     assert compare.main(argv) == 0
-    assert len(compare.load_runs(out)["grpo"][0]) == 3
+    assert len(summary.load_runs(out)["grpo"][0]) == 3
 
 
 def test_summary_reads_dppo_train_metric_names(tmp_path):
@@ -90,7 +90,7 @@ def test_summary_reads_dppo_train_metric_names(tmp_path):
     recs[-1]["eval/accuracy"] = 0.7
     d.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     d.joinpath("method.json").write_text(json.dumps({"name": "m", "ratio_cap": 3.0}))
-    s = compare.summarise(compare.load_runs(tmp_path), target=("eval/accuracy", 0.6))["m"]
+    s = summary.summarise(summary.load_runs(tmp_path), target=("eval/accuracy", 0.6))["m"]
     assert s["final_mismatch"][0] == pytest.approx((0.09 + 0.10) / 2)  # last 20 % of 10 steps
     assert s["final_drift"][0] == pytest.approx((0.9 + 1.0) / 2)
     assert s["peak_mismatch"][0] == pytest.approx(0.10)
@@ -103,7 +103,7 @@ def test_dppo_runner_passes_the_whole_spec(tmp_path, monkeypatch):
     """The default runner hands `--method SPEC` to `dppo train`, which resolves the overrides and records the method
     (the override is not dropped under a label that claims it); the report prints the resolved method."""
     from dppo.run.cli import parse_config
-    from dppo.run.config import resolve_method
+    from dppo.run.validate import resolve_method
 
     cmd = compare.RUNNER.format(python="py", spec="cispo@ratio_cap=3", seed=0, run_dir="x").split()
     cfg = parse_config(cmd[cmd.index("train") + 1:])
@@ -112,7 +112,7 @@ def test_dppo_runner_passes_the_whole_spec(tmp_path, monkeypatch):
     d.mkdir(parents=True)
     d.joinpath("metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
     d.joinpath("method.json").write_text(json.dumps({"name": "cispo@ratio_cap=3", "ratio_cap": 3.0}))
-    compare.write_report(tmp_path, compare.load_runs(tmp_path), title="t")
+    summary.write_report(tmp_path, summary.load_runs(tmp_path), title="t")
     assert "- `cispo@ratio_cap=3`: name=cispo@ratio_cap=3, ratio_cap=3.0" in (tmp_path / "report.md").read_text()
 
 

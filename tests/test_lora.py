@@ -216,7 +216,7 @@ def test_bad_lora_config_fails_before_any_work(tmp_path, monkeypatch, kw, needle
 def test_missing_peft_says_what_to_install(monkeypatch, tmp_path):
     import importlib.util
 
-    from dppo.run.config import validate
+    from dppo.run.validate import validate
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))

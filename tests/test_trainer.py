@@ -117,7 +117,7 @@ def test_config_file_round_trip_and_overrides(tmp_path):
 
 
 def test_method_spec_overrides_reach_the_run():
-    from dppo.run.config import resolve_method
+    from dppo.run.validate import resolve_method
 
     m = resolve_method(make_config(method="cispo@ratio_cap=3"))
     assert m.ratio_cap == 3.0 and m.name == "cispo@ratio_cap=3"

@@ -18,7 +18,7 @@ from dppo.divergence import binary_kl, binary_tv, topk_kl, topk_tv
 def _worked_examples() -> str:
     rows = [("rare token rises", 1e-4, 1e-2, +1.0), ("common token falls", 0.99, 0.80, -1.0),
             ("confident token rises", 0.9, 0.99, +1.0)]
-    out = ["Worked examples (paper §4.2, paper-notes §6.2): one token, μ → π",
+    out = ["Worked examples (paper §4.2): one token, μ → π",
            f"{'case':<22}{'μ':>8}{'π':>8}{'r=π/μ':>9}{'Bin-TV':>9}{'Bin-KL':>9}  {'GRPO ε=.2/.28':<15}"
            f"{'DPPO-TV δ=.15':<15}{'DPPO-KL δ=.05':<15}"]
     for name, mu, pi, a in rows:

@@ -5,7 +5,7 @@ A mask only ever blocks an update that moves a token *away* from the anchor in t
 that moves π back towards the anchor is never blocked. Tokens with Â = 0 carry no gradient either way.
 
 Thresholds are inclusive of the boundary (a token exactly at δ is kept): the paper writes "D_t > δ" in Eq. 12 and the
-authors' code uses ">" throughout (paper-notes §4; the §5.3 minimal mask is written "≥" in the text, a measure-zero
+authors' code uses ">" throughout (Stable-RL core_algos.py; the §5.3 minimal mask is written "≥" in the text, a measure-zero
 difference).
 """
 
@@ -105,7 +105,7 @@ def ratio_mask(
 
 
 def sequence_mask(divergence: Tensor, response_mask: Tensor, delta: float) -> Tensor:
-    """Trust Region Masking (TRM, arXiv 2512.23075; paper-notes §8): keep a whole sequence only if its *maximum*
+    """Trust Region Masking (TRM, arXiv 2512.23075): keep a whole sequence only if its *maximum*
     token divergence is within δ.
 
         M(x, y) = 1[ max_{t ∈ response} D_t ≤ δ ]

@@ -21,7 +21,8 @@ import signal
 import sys
 
 from dppo.run.checkpoint import latest_step, load_latest
-from dppo.run.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, save_config, validate
+from dppo.run.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, save_config
+from dppo.run.validate import validate
 from dppo.run.evaluate import eval_summary
 from dppo.run.export import save_final
 from dppo.run.machine import record_machine

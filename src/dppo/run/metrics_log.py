@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 
 __all__ = ["MetricsLog", "read_metrics", "summary_line"]
 
@@ -82,7 +83,7 @@ class MetricsLog:
             import wandb
 
             id_path = os.path.join(run_dir, "wandb_id")
-            run_id = open(id_path).read().strip() if os.path.isfile(id_path) else wandb.util.generate_id()
+            run_id = open(id_path).read().strip() if os.path.isfile(id_path) else uuid.uuid4().hex[:8]
             with open(id_path, "w") as f:
                 f.write(run_id)
             self.wandb = wandb.init(id=run_id, resume="allow", dir=run_dir, config=config or {},

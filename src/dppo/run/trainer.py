@@ -36,7 +36,8 @@ from dppo.metrics import MetricPool
 from dppo.rollout import Rollout, SamplingParams, encode_prompts
 from dppo.run.batch import Batch
 from dppo.run.checkpoint import save_checkpoint
-from dppo.run.config import ConfigError, TrainConfig, resolve_method, validate
+from dppo.run.config import ConfigError, TrainConfig
+from dppo.run.validate import resolve_method, validate
 from dppo.run.evaluate import decode_responses, evaluate
 from dppo.tasks import make_task
 from dppo.tasks.scoring import score
