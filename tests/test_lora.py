@@ -251,7 +251,8 @@ def test_gradient_checkpointing_same_loss_and_gradients(tmp_path, cache_dir, par
     runs = []
     for gc in (False, True):
         t = _trainer(lora_cfg(tmp_path / f"gc{gc}", cache_dir, partial_reward, lora_rank=lora_rank,
-                              gradient_checkpointing=gc, method="dppo-binary-kl-recompute"))
+                              gradient_checkpointing=gc, method="dppo-binary-kl-recompute",
+                              share_prompts=False))  # the same forward both ways; sharing: test_shared_prompt.py
         calls = []
         layer = t.model.get_decoder().layers[0]
         # a pre-hook: the recompute stops early (torch's non-reentrant checkpoint) once down_proj's input is back

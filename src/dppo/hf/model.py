@@ -166,6 +166,60 @@ def decoder_and_head(model):
         return None
 
 
+def can_share_prompts(model) -> bool:
+    """Whether :func:`response_hidden_states` can run each prompt once for all its responses: a decoder body with a
+    plain head (:func:`decoder_and_head`), full attention in every layer (a sliding window would see a different
+    context through a cache), and no gradient checkpointing (transformers switches the cache off under it)."""
+    parts = decoder_and_head(model)
+    if parts is None:
+        return False
+    cfg = getattr(model, "config", None)
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
+        if getattr(cfg, "layer_types", None) is None:
+            return False
+    return not any(getattr(m, "gradient_checkpointing", False) for m in parts[0].modules())
+
+
+def response_hidden_states(body, input_ids: Tensor, attention_mask: Tensor, n_response: int,
+                           prompt_index: Tensor | None = None) -> Tensor:
+    """[N, T, H] final hidden states at the positions that predict the T response tokens (position P+t−1 predicts
+    response token t), from the decoder ``body`` (:func:`decoder_and_head`).
+
+    With ``prompt_index`` ([N] int: rows with the same index have the same prompt, e.g. the G samples of a group),
+    each distinct prompt runs once and its responses attend to that one prompt KV cache, expanded to them by
+    indexing (differentiable: the prompt's gradient accumulates from all its responses). Exact — the same attention
+    over [prompt | response] — and it removes (G−1)/G of the prompt compute when a micro-batch holds whole groups.
+    Only for models where :func:`can_share_prompts` holds."""
+    t = n_response
+    p = input_ids.shape[1] - t
+    pos = position_ids_from_mask(attention_mask)
+    if prompt_index is None:
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+        return hidden[:, -t - 1: -1]
+    from transformers import DynamicCache
+
+    uniq, inverse = torch.unique(prompt_index, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=input_ids.device).scatter_(
+        0, inverse, torch.arange(len(inverse), device=input_ids.device))  # one row per distinct prompt
+    cfg = getattr(body, "config", None)
+    out = body(input_ids=input_ids[first, :p], attention_mask=attention_mask[first, :p], position_ids=pos[first, :p],
+               use_cache=True, **{_cache_kw(body): DynamicCache(config=cfg)})
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    expanded = DynamicCache([(layer.keys[inverse], layer.values[inverse]) for layer in cache.layers], config=cfg)
+    resp = body(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=pos[:, p:], use_cache=True,
+                **{_cache_kw(body): expanded}).last_hidden_state
+    return torch.cat([out.last_hidden_state[inverse, -1:], resp[:, :-1]], dim=1)
+
+
+def _cache_kw(module) -> str:
+    """Name of the KV-cache keyword of ``module.forward`` (transformers ≥ 5.2x renamed past_key_values → cache)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def response_stats(
     model,
     input_ids: Tensor,
@@ -176,6 +230,7 @@ def response_stats(
     gather_ids: Tensor | None = None,
     entropy: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    prompt_index: Tensor | None = None,
 ) -> ResponseStats:
     """log π_θ(a_t), entropy and (optionally) log π_θ at ``gather_ids`` for the last T tokens of each row.
 
@@ -189,18 +244,19 @@ def response_stats(
         response_ids: [N, T] the sampled tokens (pads anywhere the response mask is 0 are harmless).
         temperature: τ; statistics are those of softmax(z/τ), the distribution the rollout sampled from.
         gather_ids: [N, T, K] rollout top-K ids (Top-K methods) or None.
+        prompt_index: [N] rows with equal values share their prompt: it runs once (:func:`response_hidden_states`)
+            where :func:`can_share_prompts` allows; ignored otherwise.
     """
     from dppo.token_stats import token_stats, token_stats_from_logits
 
     t = response_ids.shape[1]
-    pos = position_ids_from_mask(attention_mask)
     ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     parts = decoder_and_head(model)
     with ctx:
         if parts is not None:
             body, head = parts
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
-            hidden = hidden[:, -t - 1 : -1]
+            share = prompt_index if prompt_index is not None and can_share_prompts(model) else None
+            hidden = response_hidden_states(body, input_ids, attention_mask, t, share)
             w = head.weight
             b = head.bias
             if hidden.dtype != w.dtype:  # autocast leaves the final norm in fp32; run the head GEMM in the weight dtype
@@ -208,6 +264,7 @@ def response_stats(
             st = token_stats(hidden, w, response_ids, bias=b, temperature=temperature, gather_ids=gather_ids,
                              entropy=entropy)
         else:
+            pos = position_ids_from_mask(attention_mask)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits
             st = token_stats_from_logits(logits[:, -t - 1 : -1], response_ids, temperature=temperature,
                                          gather_ids=gather_ids, entropy=entropy)

@@ -23,14 +23,18 @@ class Batch:
     response_mask: Tensor  # [N, T] bool
     rollout_logp: Tensor  # [N, T] log μ(a_t)
     advantages: Tensor  # [N] Â
+    prompt_index: Tensor | None = None  # [N] int: rows with equal values share their prompt (a group)
     rollout_topk_ids: Tensor | None = None  # [N, T, K]
     rollout_topk_logp: Tensor | None = None  # [N, T, K] log μ at rollout_topk_ids
     old_logp: Tensor | None = None  # [N, T] log π_θ′(a_t), the recomputed anchor (anchor="recompute" methods)
 
     @classmethod
-    def from_rollout(cls, ro: Rollout, advantages: Tensor) -> "Batch":
+    def from_rollout(cls, ro: Rollout, advantages: Tensor, group_size: int = 1) -> "Batch":
+        """The rollout's rows (each prompt's ``group_size`` samples contiguous) with their advantages."""
+        n = ro.response_ids.shape[0]
+        prompt_index = torch.arange(n, device=ro.response_ids.device) // group_size
         return cls(ro.input_ids, ro.attention_mask, ro.response_ids, ro.response_mask, ro.rollout_logp, advantages,
-                   ro.rollout_topk_ids, ro.rollout_topk_logp)
+                   prompt_index, ro.rollout_topk_ids, ro.rollout_topk_logp)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

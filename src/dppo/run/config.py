@@ -162,6 +162,10 @@ class OptimConfig:
     micro-batch loss is divided by the mini-batch's denominator; 0 = the whole mini-batch)"""
     train_dtype: Annotated[Literal["fp32", "bf16"], _a("train_dtype")] = "fp32"
     """training forward precision (bf16 = autocast)"""
+    share_prompts: Annotated[bool, _a("share_prompts")] = True
+    """run each group's prompt once in the training forward and let its responses attend to that one prompt KV
+    (exact; saves (G−1)/G of the prompt compute for the rows of a group in the same micro-batch). Off by itself where
+    the model cannot (sliding-window attention, gradient checkpointing, a logits post-processor)"""
     gradient_checkpointing: Annotated[bool, _a("gradient_checkpointing")] = False
     """recompute each decoder layer's activations in the backward instead of keeping them (non-reentrant): less
     activation memory for one more forward of every layer; same loss and gradients"""

@@ -163,7 +163,7 @@ class Trainer:
         rewards, n_bad = score(self.task, per_response, texts, on_bad=cfg.log.on_bad_reward,
                                group_size=cfg.rollout.group_size)
         adv = group_advantages(rewards, cfg.rollout.group_size, scale=cfg.method.adv_scale).to(cfg.device)
-        batch = Batch.from_rollout(ro, adv)
+        batch = Batch.from_rollout(ro, adv, cfg.rollout.group_size)
         t_rollout = time.perf_counter() - t0
         if self.should_stop():
             raise StepAbandoned
@@ -273,7 +273,8 @@ class Trainer:
         with torch.set_grad_enabled(grad), modes:
             return response_stats(self.model, b.input_ids, b.attention_mask, b.response_ids,
                                   temperature=self.cfg.rollout.temperature, gather_ids=gather, entropy=True,
-                                  autocast_dtype=self.autocast)
+                                  autocast_dtype=self.autocast,
+                                  prompt_index=b.prompt_index if self.cfg.optim.share_prompts else None)
 
     # ------------------------------------------------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
