@@ -76,9 +76,23 @@ def cell(m: Method, pi_a: float, anchor_a: float, adv: float) -> tuple[bool, boo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _on_boundary(m: Method, p: float, a: float) -> bool:
+    """The token sits on a threshold (|π − μ| = 0.2 = δ, r = C, …) where fp32 rounding decides the side."""
+    if m.estimator == "ratio":
+        edges = [(p / a, 1 + m.delta_high), (p / a, 1 - m.delta_low)]
+    elif m.estimator == "none":
+        edges = []
+    else:
+        d = ref_divergence(m.estimator, p, a)
+        edges = [(d, m.delta_low), (d, m.delta_high)]
+    mu = a * 0.9 if m.anchor == "recompute" else a  # as _grid_batch sets μ
+    edges.append((p / mu, m.ratio_cap))
+    return any(math.isfinite(t) and abs(x - t) < 1e-5 * max(1.0, abs(t)) for x, t in edges)
+
+
 def _grid_batch(m: Method):
     rows = list(itertools.product(ANCHORS, PIS, ADVS))
-    rows = [(a, p, adv) for a, p, adv in rows if abs(p - a) > 1e-9]
+    rows = [(a, p, adv) for a, p, adv in rows if abs(p - a) > 1e-9 and not _on_boundary(m, p, a)]
     anchor = torch.tensor([a for a, _, _ in rows], dtype=torch.float64)
     pi = torch.tensor([p for _, p, _ in rows], dtype=torch.float64)
     adv = torch.tensor([x for _, _, x in rows], dtype=torch.float32)
@@ -97,7 +111,11 @@ def _grid_batch(m: Method):
     return rows, pi, mu, adv, kw
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+# IPO, IcePop and VACO have their own references, written from their sources, in test_new_presets.py.
+EQ23_PRESETS = [n for n in PRESETS if n not in ("ipo", "ipo-kl", "icepop", "vaco")]
+
+
+@pytest.mark.parametrize("name", EQ23_PRESETS)
 def test_every_preset_every_cell_matches_reference(name):
     m = dataclasses.replace(PRESETS[name], aggregation="sum", seq_delta=math.inf)
     rows, pi, mu, adv, kw = _grid_batch(m)
