@@ -206,7 +206,8 @@ def test_aggregation_denominators_by_hand():
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum"])
-@pytest.mark.parametrize("preset", ["dppo-binary-tv", "grpo", "cispo", "drpo", "trm", "dppo-topk-kl"])
+@pytest.mark.parametrize("preset", ["dppo-binary-tv", "grpo", "cispo", "drpo", "trm", "dppo-topk-kl", "ipo-kl",
+                                    "icepop", "vaco"])
 def test_micro_batches_with_the_minibatch_denominator_sum_to_the_minibatch_gradient(aggregation, preset):
     """Gradient accumulation is exact: Σ over micro-batches of ∇ policy_loss(micro, denominator=D(mini)) equals
     ∇ policy_loss(mini) (fp64, to rounding), for uneven response lengths, an empty response, every aggregation. The
@@ -225,6 +226,11 @@ def test_micro_batches_with_the_minibatch_denominator_sum_to_the_minibatch_gradi
         top_mu = torch.log(torch.rand(B, T, K, generator=g, dtype=torch.float64) * 0.05 + 0.01)
         topk = dict(topk_logp=top_mu + 0.1 * torch.randn(B, T, K, generator=g, dtype=torch.float64),
                     rollout_topk_logp=top_mu, sampled_in_topk=torch.zeros(B, T, dtype=torch.bool))
+
+    if method.needs_old_logp:
+        old = torch.minimum(lmu + 0.6 * torch.randn(B, T, generator=g, dtype=torch.float64),
+                            torch.full_like(lmu, -1e-3))
+        topk["old_logp"] = old
 
     def grad(rows, **kw):
         lp = lp0.clone().requires_grad_()
