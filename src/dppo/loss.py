@@ -141,19 +141,21 @@ def _validate(
     topk_logp: Tensor | None,
     rollout_topk_logp: Tensor | None,
     sampled_in_topk: Tensor | None,
+    ref: str = "logp",
 ) -> None:
-    check_logp("logp", logp)
+    """Named errors for bad inputs; ``ref`` names the [B, T] tensor the others are checked against."""
+    check_logp(ref, logp)
     if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T] (batch, response tokens), got shape {tuple(logp.shape)}")
+        raise ValueError(f"{ref} must be [B, T] (batch, response tokens), got shape {tuple(logp.shape)}")
     if logp.numel() == 0:
-        raise ValueError(f"empty batch: logp has shape {tuple(logp.shape)}; need B >= 1 and T >= 1")
+        raise ValueError(f"empty batch: {ref} has shape {tuple(logp.shape)}; need B >= 1 and T >= 1")
     check_logp("rollout_logp", rollout_logp)
     check_tensor("response_mask", response_mask)
     if response_mask.dtype != torch.bool and not response_mask.is_floating_point() and response_mask.dtype not in (
         torch.int64, torch.int32, torch.uint8, torch.int8, torch.int16
     ):
         raise TypeError(f"response_mask must be bool or 0/1 numbers, got {response_mask.dtype}")
-    check_same_shape("logp", logp, rollout_logp=rollout_logp, response_mask=response_mask)
+    check_same_shape(ref, logp, rollout_logp=rollout_logp, response_mask=response_mask)
     if response_mask.dtype != torch.bool and not ((response_mask == 0) | (response_mask == 1)).all():
         raise ValueError("response_mask must hold only 0 and 1 (or be a bool tensor)")
     check_float("advantages", advantages)
@@ -172,7 +174,7 @@ def _validate(
             )
     if old_logp is not None:
         check_logp("old_logp", old_logp)
-        check_same_shape("logp", logp, old_logp=old_logp)
+        check_same_shape(ref, logp, old_logp=old_logp)
     if m.needs_topk:
         if topk_logp is None or rollout_topk_logp is None or sampled_in_topk is None:
             raise ValueError(
@@ -182,7 +184,7 @@ def _validate(
     if topk_logp is not None or rollout_topk_logp is not None or sampled_in_topk is not None:
         if topk_logp is None or rollout_topk_logp is None or sampled_in_topk is None:
             raise ValueError("pass all three of topk_logp, rollout_topk_logp and sampled_in_topk, or none of them")
-        check_topk("logp", logp, topk_logp, rollout_topk_logp, sampled_in_topk)
+        check_topk(ref, logp, topk_logp, rollout_topk_logp, sampled_in_topk)
 
 
 def policy_loss(
