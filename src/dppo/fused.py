@@ -43,6 +43,8 @@ from dppo.token_stats import token_stats
 
 __all__ = ["policy_loss_from_hidden"]
 
+_PAD_LOGP = -0.6931471805599453  # log 0.5
+
 
 class _Plan:
     """What the fused forward needs besides h, W, b (plain attributes, not autograd inputs), and what it leaves for
@@ -121,9 +123,10 @@ class _FusedLoss(torch.autograd.Function):
                     dw.addmm_(dzl.t(), h[s0:s1])
         del ws
         # The loss value and the per-token terms on the whole [B, T] batch, computed exactly as policy_loss does
-        # (O(N) work); padding positions get log μ as a finite stand-in (their weight is 0).
+        # (O(N) work); padding positions get log 0.5 as a finite stand-in (their weight and metrics mask are 0, and a
+        # finite log π keeps every term there finite whatever the rollout padded with).
         full = plan.ctx
-        lp = full.rollout_logp.clone()
+        lp = torch.full_like(full.rollout_logp, _PAD_LOGP)
         lp.view(-1)[slice(None) if plan.rows is None else plan.rows] = x.to(lp.dtype)
         if gids is not None:
             topk = full.rollout_topk_logp.clone()

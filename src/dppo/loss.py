@@ -279,7 +279,7 @@ def loss_metrics(
         any_tok = n > 0
 
         def mean(x: Tensor) -> Tensor:
-            return (x.float() * resp).sum() / denom
+            return x.float().masked_fill(~resp, 0.0).sum() / denom  # padding may hold inf: fill, not multiply
 
         def ext(x: Tensor, largest: bool) -> Tensor:
             fill = float("-inf") if largest else float("inf")
