@@ -1,26 +1,31 @@
-"""Benchmark: per-token statistics at vocabulary scale, naive (materialised logits) vs dppo.token_stats (tiled).
+"""Benchmark: per-token statistics + policy loss at vocabulary scale: naive (materialised logits) vs dppo.token_stats
++ policy_loss (tiled, 4 GEMMs) vs dppo.policy_loss_from_hidden (fused, 3 GEMMs).
 
 One forward+backward of a policy loss on N tokens of a model with hidden size H = 1536 and vocabulary V = 151,936
 (Qwen2.5-1.5B's lm-head shape), from the final hidden states h [N, H] and the lm-head weight W [V, H]:
 
-  naive  Top-K DPPO, as peers do it: logits = h·Wᵀ [N, V] (input dtype) → .float() → log_softmax [N, V] fp32 →
-         gather log π(a_t) and log π at the rollout's 20 top-K ids; entropy −Σ p log p as a metric (no grad);
-         loss = dppo.policy_loss("dppo-topk-tv", ...); backward.
-  ours   the same Top-K DPPO loss and entropy metric from dppo.token_stats(h, W, a, gather_ids=topk_ids).
-  ppo    the lean baseline: log π(a_t) only (dppo.token_stats, entropy=False) + dppo.policy_loss("dppo-binary-tv").
+  naive      Top-K DPPO, as peers do it: logits = h·Wᵀ [N, V] (input dtype) → .float() → log_softmax [N, V] fp32 →
+             gather log π(a_t) and log π at the rollout's 20 top-K ids; entropy −Σ p log p as a metric (no grad);
+             loss = dppo.policy_loss("dppo-topk-tv", ...); backward.
+  stats      the same Top-K DPPO loss and entropy metric from dppo.token_stats(h, W, a, gather_ids=topk_ids) +
+             dppo.policy_loss (tiled; the backward recomputes the logits: 4 GEMMs).
+  fused      the same Top-K DPPO loss and entropy metric from dppo.policy_loss_from_hidden (3 GEMMs, dh and dW built
+             in the forward, the backward scales them).
+  fused_ppo  the lean fused baseline: policy_loss_from_hidden("dppo-binary-tv", ..., entropy=False): log π(a_t) only.
 
 Peak memory: each case in a fresh subprocess; peak RSS (VmHWM, reset through /proc/self/clear_refs once the inputs
 h, W and the rollout data exist) minus the RSS at that moment = the extra memory of one forward + backward,
 gradients dW, dh included. Time: a second fresh subprocess runs the cases interleaved (one warm-up each, then
-``--reps`` rounds, order rotated per round) and takes the median wall time; N not in --timed-ns (16384) reuses the
-single cold iteration of the memory run. The parent waits for the (shared) machine to be idle before each
+``reps`` rounds, order rotated per round) and takes the median wall time; an N planned with 0 repetitions reuses the
+single cold iteration of the memory run (n = 1). The parent waits for the (shared) machine to be idle before each
 subprocess, records the CPU other processes used meanwhile, and repeats a timing run that was shared.
 
 Usage:
-  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py            # full run → results JSON + docs table
-  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py --tune     # tile-size sweep for the default
-  .venv/bin/python benchmarks/token_stats.py --mem ours --n 1024 --dtype bf16      # child: one case's peak, JSON
-  .venv/bin/python benchmarks/token_stats.py --time ours,ppo --n 1024 --dtype bf16  # child: interleaved timing
+  OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/token_stats.py          # full run → results JSON + docs table
+  ... --plan "fp32:1024x5,4096x2;bf16:1024x0,4096x0"                        # dtype: N x repetitions (0 = cold run)
+  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py --tune        # tile-size sweep (fused, --n)
+  .venv/bin/python benchmarks/token_stats.py --mem fused --n 1024 --dtype bf16          # child: one case's peak
+  .venv/bin/python benchmarks/token_stats.py --time fused,stats --n 1024 --dtype bf16   # child: interleaved timing
 """
 
 from __future__ import annotations
@@ -64,12 +69,12 @@ def setup(n: int, dtype_name: str, tile_mb: int | None):
     import torch
     import torch.nn.functional as F
 
-    import dppo.token_stats as ts
-    from dppo import policy_loss
+    import dppo._tiles as tiles
+    from dppo import policy_loss, policy_loss_from_hidden, token_stats
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if tile_mb:
-        ts.DEFAULT_TILE_BYTES = tile_mb * 2**20
+        tiles.DEFAULT_TILE_BYTES = tile_mb * 2**20
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     g = torch.Generator().manual_seed(0)
     # Logit std ≈ 2.5: a peaked-enough distribution; the cost does not depend on the values.
@@ -80,7 +85,7 @@ def setup(n: int, dtype_name: str, tile_mb: int | None):
     # its top-K, the rest uniform. Built with the tiled path under no_grad so the setup peak stays small.
     with torch.no_grad():
         rnd = torch.randint(0, V, (n,), generator=g)
-        st = ts.token_stats(hidden, weight, rnd, topk=K, entropy=False)
+        st = token_stats(hidden, weight, rnd, topk=K, entropy=False)
         j = torch.randint(0, K, (n, 1), generator=g)
         from_topk = torch.rand(n, generator=g) < 0.9
         target = torch.where(from_topk, st.topk_ids.gather(1, j)[:, 0], rnd)
@@ -106,21 +111,29 @@ def setup(n: int, dtype_name: str, tile_mb: int | None):
         loss.backward()
         return entropy.mean().item()
 
-    def ours():
-        st = ts.token_stats(hidden, weight, target, gather_ids=topk_ids)  # entropy on: a metric, as in naive
+    def stats():
+        st = token_stats(hidden, weight, target, gather_ids=topk_ids)  # entropy on: a metric, as in naive
         loss, _ = policy_loss(
             "dppo-topk-tv", st.logp.view(b, t), rl, adv, mask, topk_logp=st.gathered_logp.view(b, t, K), **topk_kw
         )
         loss.backward()
         return st.entropy.mean().item()
 
-    def ppo():
-        st = ts.token_stats(hidden, weight, target, entropy=False)
-        loss, _ = policy_loss("dppo-binary-tv", st.logp.view(b, t), rl, adv, mask)
+    h3, tgt2, ids3 = hidden.view(b, t, H), target.view(b, t), topk_ids.view(b, t, K)
+
+    def fused():
+        loss, met = policy_loss_from_hidden("dppo-topk-tv", h3, weight, tgt2, rl, adv, mask, rollout_topk_ids=ids3,
+                                            rollout_topk_logp=topk_kw["rollout_topk_logp"])  # entropy metric on
+        loss.backward()
+        return met["entropy"]
+
+    def fused_ppo():
+        loss, _ = policy_loss_from_hidden("dppo-binary-tv", h3, weight, tgt2, rl, adv, mask, entropy=False)
         loss.backward()
         return 0.0
 
-    return {"naive": naive, "ours": ours, "ppo": ppo}, hidden, weight, ts.default_chunk_size(V)
+    cases = {"naive": naive, "stats": stats, "fused": fused, "fused_ppo": fused_ppo}
+    return cases, hidden, weight, tiles.default_chunk_size(V)
 
 
 def run_mem(case: str, n: int, dtype_name: str, tile_mb: int | None) -> dict:
@@ -177,10 +190,14 @@ def _children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def wait_idle(max_wait_s: float = 300, threshold: float = 0.3) -> float:
+MAX_WAIT_S = 300.0  # --max-wait
+
+
+def wait_idle(max_wait_s: float | None = None, threshold: float = 0.3) -> float:
     """Wait until other processes use < ``threshold`` cores (2 s samples). The machine is shared with other
     sessions' jobs; timing under their load would be meaningless. Returns the seconds waited."""
     t0 = time.perf_counter()
+    max_wait_s = MAX_WAIT_S if max_wait_s is None else max_wait_s
     while time.perf_counter() - t0 < max_wait_s:
         b0 = _busy_s()
         time.sleep(2)
@@ -217,76 +234,85 @@ def _mem_available_mb() -> float:
     return float("inf")
 
 
-def full(ns: list[int], dtypes: list[str], reps: int, timed_ns: set[int]) -> dict:
-    """For every (dtype, N): a memory subprocess per case, then (N in timed_ns) one interleaved timing subprocess."""
+CASES = ("naive", "stats", "fused", "fused_ppo")
+
+
+def parse_plan(plan: str) -> list[tuple[str, int, int]]:
+    """``"fp32:1024x5,4096x2;bf16:1024x0"`` → [("fp32", 1024, 5), ("fp32", 4096, 2), ("bf16", 1024, 0)]."""
+    out = []
+    for part in filter(None, plan.split(";")):
+        dtype, _, ns = part.partition(":")
+        for item in filter(None, ns.split(",")):
+            n, _, reps = item.partition("x")
+            out.append((dtype.strip(), int(n), int(reps or 0)))
+    return out
+
+
+def full(plan: list[tuple[str, int, int]]) -> dict:
+    """For every (dtype, N, reps): a memory subprocess per case, then (reps > 0) one interleaved timing subprocess."""
     rows = []
-    for dtype in dtypes:
-        last_naive = None
-        for n in ns:
-            row: dict = {"dtype": dtype, "n": n, "cases": {}}
-            ran = []
-            for case in ("naive", "ours", "ppo"):
-                if case == "naive" and last_naive is not None:
-                    # The naive peak is N·V-dominated: scale the last measured one linearly, plus the inputs.
-                    scale = n / last_naive["n"]
-                    est_mb = (last_naive["peak_mb"] + last_naive["base_rss_mb"]) * scale
-                    if est_mb > 0.85 * _mem_available_mb():
-                        msg = (f"not run: est. {est_mb / 1024:.0f} GB (peak measured at N={last_naive['n']} scaled "
-                               f"linearly, with inputs) > 85% of the {_mem_available_mb() / 1024:.1f} GB available")
-                        print(f"  {dtype} N={n:>5} {case:>5}: {msg}", flush=True)
-                        row["cases"][case] = {"status": msg, "est_gb": round(est_mb / 1024, 1)}
-                        continue
-                r = _spawn(["--mem", case, "--n", str(n), "--dtype", dtype])
-                row["cases"][case] = r
-                if r["status"] == "ok":
-                    ran.append(case)
-                    print(f"  {dtype} N={n:>5} {case:>5}: peak +{r['peak_mb']:.0f} MB, cold {r['cold_time_s']:.2f} s "
-                          f"[{r['wall_s']} s wall]", flush=True)
-                    if case == "naive":
-                        last_naive = r | {"n": n}
-                else:
-                    print(f"  {dtype} N={n:>5} {case:>5}: {r['status']}", flush=True)
-            if n in timed_ns and ran:
-                targs = ["--time", ",".join(ran), "--n", str(n), "--dtype", dtype, "--reps", str(reps)]
-                r = _spawn(targs)
-                if r["status"] == "ok" and r["foreign_load_cores"] > 0.25:  # another job shared the cores: redo once
-                    print(f"  {dtype} N={n:>5} times: foreign load {r['foreign_load_cores']} cores, retrying",
-                          flush=True)
-                    r2 = _spawn(targs)
-                    if r2["status"] == "ok" and r2["foreign_load_cores"] < r["foreign_load_cores"]:
-                        r = r2
-                row["timing_foreign_load_cores"] = r.get("foreign_load_cores")
-                if r["status"] == "ok":
-                    for c in ran:
-                        row["cases"][c].update(time_s=r["time_s"][c], times_s=r["times_s"][c], reps=r["reps"],
-                                               cpu_s=r["cpu_s"][c])
-                    print(f"  {dtype} N={n:>5} times: " + ", ".join(f"{c} {r['time_s'][c]:.2f} s" for c in ran)
-                          + f" (median of {reps}) [{r['wall_s']} s wall]", flush=True)
-            else:  # too slow to repeat: the single cold iteration of the memory subprocess
+    last_naive: dict[str, dict] = {}
+    for dtype, n, reps in plan:
+        row: dict = {"dtype": dtype, "n": n, "cases": {}}
+        ran = []
+        for case in CASES:
+            prev = last_naive.get(dtype)
+            if case == "naive" and prev is not None:
+                # The naive peak is N·V-dominated: scale the last measured one linearly, plus the inputs.
+                est_mb = (prev["peak_mb"] + prev["base_rss_mb"]) * n / prev["n"]
+                if est_mb > 0.85 * _mem_available_mb():
+                    msg = (f"not run: est. {est_mb / 1024:.0f} GB (peak measured at N={prev['n']} scaled "
+                           f"linearly, with inputs) > 85% of the {_mem_available_mb() / 1024:.1f} GB available")
+                    print(f"  {dtype} N={n:>5} {case:>9}: {msg}", flush=True)
+                    row["cases"][case] = {"status": msg, "est_gb": round(est_mb / 1024, 1)}
+                    continue
+            r = _spawn(["--mem", case, "--n", str(n), "--dtype", dtype])
+            row["cases"][case] = r
+            if r["status"] == "ok":
+                ran.append(case)
+                print(f"  {dtype} N={n:>5} {case:>9}: peak +{r['peak_mb']:.0f} MB, cold {r['cold_time_s']:.2f} s "
+                      f"[{r['wall_s']} s wall, foreign load {r['foreign_load_cores']}]", flush=True)
+                if case == "naive":
+                    last_naive[dtype] = r | {"n": n}
+            else:
+                print(f"  {dtype} N={n:>5} {case:>9}: {r['status']}", flush=True)
+        row["mem_foreign_load_cores"] = max((row["cases"][c].get("foreign_load_cores", 0) for c in ran), default=0)
+        if reps > 0 and ran:
+            targs = ["--time", ",".join(ran), "--n", str(n), "--dtype", dtype, "--reps", str(reps)]
+            r = _spawn(targs, timeout=7200)
+            if r["status"] == "ok" and r["foreign_load_cores"] > 0.25:  # another job shared the cores: redo once
+                print(f"  {dtype} N={n:>5} times: foreign load {r['foreign_load_cores']} cores, retrying", flush=True)
+                r2 = _spawn(targs, timeout=7200)
+                if r2["status"] == "ok" and r2["foreign_load_cores"] < r["foreign_load_cores"]:
+                    r = r2
+            row["timing_foreign_load_cores"] = r.get("foreign_load_cores")
+            if r["status"] == "ok":
                 for c in ran:
-                    rc = row["cases"][c]
-                    rc.update(time_s=rc["cold_time_s"], cpu_s=rc["cold_cpu_s"], reps=1)
-            rows.append(row)
-    for row in rows:
-        cs = row["cases"]
-        ok = {c: v for c, v in cs.items() if v.get("status") == "ok"}
-        if "naive" in ok and "ours" in ok:
-            row["ours_over_naive_mem"] = ok["ours"]["peak_mb"] / ok["naive"]["peak_mb"]
-            row["ours_over_naive_time"] = ok["ours"]["time_s"] / ok["naive"]["time_s"]
-        if "ppo" in ok and "ours" in ok:
-            row["topk_over_ppo_mem"] = ok["ours"]["peak_mb"] / ok["ppo"]["peak_mb"]
-            row["topk_over_ppo_time"] = ok["ours"]["time_s"] / ok["ppo"]["time_s"]
-            row["topk_over_ppo_cpu"] = ok["ours"]["cpu_s"] / ok["ppo"]["cpu_s"]
-        if "naive" in ok and "ours" in ok:
-            row["ours_over_naive_cpu"] = ok["ours"]["cpu_s"] / ok["naive"]["cpu_s"]
+                    row["cases"][c].update(time_s=r["time_s"][c], times_s=r["times_s"][c], reps=r["reps"],
+                                           cpu_s=r["cpu_s"][c])
+                print(f"  {dtype} N={n:>5} times: " + ", ".join(f"{c} {r['time_s'][c]:.2f} s" for c in ran)
+                      + f" (median of {reps}) [{r['wall_s']} s wall]", flush=True)
+            else:
+                print(f"  {dtype} N={n:>5} times: {r['status']} {r.get('stderr', '')[-500:]}", flush=True)
+        if not (reps > 0 and row.get("timing_foreign_load_cores") is not None):
+            for c in ran:  # the single cold iteration of the memory subprocess
+                rc = row["cases"][c]
+                rc.update(time_s=rc["cold_time_s"], cpu_s=rc["cold_cpu_s"], reps=1)
+        ok = {c: v for c, v in row["cases"].items() if v.get("status") == "ok" and "time_s" in v}
+        for a_, b_ in (("fused", "naive"), ("stats", "naive"), ("fused", "stats"), ("fused", "fused_ppo")):
+            if a_ in ok and b_ in ok:
+                row[f"{a_}/{b_}"] = {"time": ok[a_]["time_s"] / ok[b_]["time_s"],
+                                     "mem": ok[a_]["peak_mb"] / ok[b_]["peak_mb"],
+                                     "cpu": ok[a_]["cpu_s"] / ok[b_]["cpu_s"]}
+        rows.append(row)
     return {"rows": rows}
 
 
 def markdown(data: dict) -> str:
     lines = [
-        "| dtype | N | naive: time / peak | ours (Top-K DPPO): time / peak | PPO path: time / peak | "
-        "ours/naive mem | ours/naive time | Top-K/PPO time | Top-K/PPO mem |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dtype | N | naive: time / peak | token_stats + policy_loss | **fused** (Top-K DPPO) | fused PPO path | "
+        "fused/naive time | fused/naive mem | fused/PPO time | fused/PPO mem | fused/stats time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(r):
@@ -296,30 +322,39 @@ def markdown(data: dict) -> str:
             return r["status"].split(" (")[0]
         return f"{r['time_s']:.2f} s (n={r['reps']}) / {r['peak_mb'] / 1024:.2f} GB"
 
+    def ratio(row, key, field):
+        return f"{row[key][field]:.2f}" if key in row else "–"
+
     for row in data["rows"]:
-        f = lambda k: f"{row[k]:.2f}" if k in row else "–"  # noqa: E731
-        c = [cell(row["cases"].get(k)) for k in ("naive", "ours", "ppo")]
+        c = [cell(row["cases"].get(k)) for k in CASES]
         lines.append(
-            f"| {row['dtype']} | {row['n']} | {c[0]} | {c[1]} | {c[2]} | {f('ours_over_naive_mem')} | "
-            f"{f('ours_over_naive_time')} | {f('topk_over_ppo_time')} | {f('topk_over_ppo_mem')} |"
+            f"| {row['dtype']} | {row['n']} | {c[0]} | {c[1]} | {c[2]} | {c[3]} | "
+            f"{ratio(row, 'fused/naive', 'time')} | {ratio(row, 'fused/naive', 'mem')} | "
+            f"{ratio(row, 'fused/fused_ppo', 'time')} | {ratio(row, 'fused/fused_ppo', 'mem')} | "
+            f"{ratio(row, 'fused/stats', 'time')} |"
         )
     return "\n".join(lines)
 
 
+DEFAULT_PLAN = "fp32:1024x5,4096x2;bf16:1024x0,4096x0"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mem", choices=["naive", "ours", "ppo"], help="child: peak memory of one case")
+    ap.add_argument("--mem", choices=list(CASES), help="child: peak memory of one case")
     ap.add_argument("--time", help="child: comma-separated cases to time, interleaved")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tile-mb", type=int, default=None)
-    ap.add_argument("--tune", action="store_true", help="sweep the tile size for the default (ours, --n)")
-    ap.add_argument("--ns", default="1024,4096,16384")
-    ap.add_argument("--timed-ns", default="1024,4096", help="N with repeated interleaved timing (others: 1 run)")
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--tune", action="store_true", help="sweep the tile size of the fused path at --n, --dtypes")
+    ap.add_argument("--plan", default=DEFAULT_PLAN, help="dtype:NxREPS,...;dtype:... (REPS 0 = one cold iteration)")
+    ap.add_argument("--dtypes", default="fp32", help="--tune only")
+    ap.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for an idle machine per run")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
+    global MAX_WAIT_S
+    MAX_WAIT_S = a.max_wait
     if a.mem:
         print(json.dumps(run_mem(a.mem, a.n, a.dtype, a.tile_mb)))
         return
@@ -328,21 +363,23 @@ def main() -> None:
         return
     if a.tune:
         for dtype in a.dtypes.split(","):
-            for mb in (32, 64, 128, 256, 512):
-                m = _spawn(["--mem", "ours", "--n", str(a.n), "--dtype", dtype, "--tile-mb", str(mb)])
-                t = _spawn(["--time", "ours", "--n", str(a.n), "--dtype", dtype, "--reps", str(a.reps),
+            for mb in (64, 128, 256, 512):
+                m = _spawn(["--mem", "fused", "--n", str(a.n), "--dtype", dtype, "--tile-mb", str(mb)])
+                t = _spawn(["--time", "fused", "--n", str(a.n), "--dtype", dtype, "--reps", str(a.reps),
                             "--tile-mb", str(mb)])
                 print(f"  {dtype} N={a.n} tile {mb:>3} MB (chunk {m.get('chunk_size')} tokens): "
-                      f"{t['time_s']['ours']:.3f} s {t['times_s']['ours']}, peak +{m['peak_mb']:.0f} MB "
+                      f"{t['time_s']['fused']:.3f} s {t['times_s']['fused']}, peak +{m['peak_mb']:.0f} MB "
                       f"(foreign load {t['foreign_load_cores']} cores)", flush=True)
         return
     t0 = time.perf_counter()
-    ns = [int(x) for x in a.ns.split(",")]
-    data = full(ns, a.dtypes.split(","), a.reps, {int(x) for x in a.timed_ns.split(",") if x})
+    data = full(parse_plan(a.plan))
     from dppo.run.machine import machine_info, machine_line
 
     data["machine"] = f"{machine_line(machine_info())}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}"
-    data["command"] = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/token_stats.py"
+    cmd = "OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/token_stats.py"
+    data["command"] = cmd + (f' --plan "{a.plan}"' if a.plan != DEFAULT_PLAN else "") + (
+        f" --max-wait {a.max_wait:g}" if a.max_wait != 300 else "")
+    data["plan"] = a.plan
     data["shape"] = {"H": H, "V": V, "K": K, "seq_len": SEQ, "temperature": 1.0}
     data["total_s"] = round(time.perf_counter() - t0, 1)
     print(markdown(data))
@@ -361,10 +398,10 @@ def update_docs(data: dict) -> None:
     text = DOCS.read_text()
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    loads = [r.get("timing_foreign_load_cores") for r in data["rows"] if r.get("timing_foreign_load_cores") is not None]
+    loads = [max(r.get("timing_foreign_load_cores") or 0, r.get("mem_foreign_load_cores") or 0) for r in data["rows"]]
     gen = (f"{BEGIN}\n<!-- generated by benchmarks/token_stats.py; edit the prose outside the markers -->\n\n"
            f"Machine: {data['machine']}.  \nCommand: `{data['command']}` (total {data['total_s'] / 60:.0f} min; "
-           f"other processes' load during the timing runs: max {max(loads, default=0):.2f} cores).\n\n"
+           f"other processes' load during the measurements: max {max(loads, default=0):.2f} cores).\n\n"
            f"{markdown(data)}\n{END}")
     DOCS.write_text(head + gen + tail)
     print(f"updated {DOCS}")

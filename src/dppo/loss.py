@@ -1,13 +1,12 @@
 """The policy loss: a pure function from one batch of per-token tensors to (loss, metrics).
 
-Reads top to bottom like App. C.1 of arXiv 2602.04879:
+Reads top to bottom like App. C.1 of arXiv 2602.04879, in two pure steps:
 
-    r_t   = π_θ(a_t) / μ(a_t)                      IS ratio against the rollout policy μ (always μ, Eq. 23)
-    D_t   = estimate of D(anchor(·|s_t) ‖ π(·|s_t)) the method's estimator (binary / top-K TV or KL, or the ratio)
-    M_t   = trust-region mask(D_t, direction, Â_t)  Eq. 12 (DPPO) or PPO's ratio mask, detached
-    S_b   = TRM sequence mask (optional)            arXiv 2512.23075
-    ℓ_t   = −Â_t · sg(min(r_t, C)) · M_t · S_b · log π_θ(a_t)      Eq. 23 ("is" form)
-    loss  = aggregate(ℓ, response_mask)
+    ℓ_t   = token_loss(method, log π_θ(a_t), context_t)      per token, elementwise (:mod:`dppo.token_loss`: the
+                                                            ratio, the estimate D_t, the mask M_t, the cap, the
+                                                            behaviour weight, the sequence gate, the loss form)
+    w_t   = aggregation_weights(response_mask, mode)         per token: loss = Σ_t w_t · ℓ_t for every aggregation
+    loss  = Σ_t w_t ℓ_t                                      e.g. "is" (Eq. 23): ℓ_t = −Â_t·sg(min(r_t, C))·M_t·log π_θ
 
 Glossary of the returned metrics (floats; means over response tokens unless stated):
 
@@ -23,9 +22,16 @@ Glossary of the returned metrics (floats; means over response tokens unless stat
     masked_frac        fraction of tokens whose gradient the token mask removes (M_t = 0)
     masked_frac_pos    … of them with Â > 0 and π pushed above the anchor (positive side)
     masked_frac_neg    … of them with Â < 0 and π pushed below the anchor (negative side)
+                       (IPO's symmetric mask also removes tokens counted in neither: π above with Â ≤ 0, …)
     ratio_mean         mean r_t = π/μ;  ratio_max: max r_t
     capped_frac        fraction of tokens with r_t > C (their weight truncated to C)
-    seq_masked_frac    fraction of sequences (with ≥ 1 response token) dropped by the TRM sequence mask
+    seq_masked_frac    fraction of sequences (with ≥ 1 response token) whose sequence statistic exceeds seq_delta
+                       (TRM: dropped whole; VACO: their tokens moving away are dropped)
+    seq_dropped_frac   fraction of tokens the sequence gate drops
+    behavior_masked_frac  fraction of tokens whose behaviour ratio b = π_θ′/μ lies outside the IcePop band (weight 0)
+    behavior_capped_frac  fraction of tokens with b above behavior_cap (VACO: weight truncated to 2)
+    logratio_sq_mean   mean (log π − log μ)²: IPO's penalty before its coefficient kl_coef
+    entropy            mean entropy of π_θ(·|s_t) (only from :func:`dppo.policy_loss_from_hidden` with entropy=True)
 """
 
 from __future__ import annotations
@@ -39,17 +45,16 @@ from torch import Tensor
 from dppo import divergence as div
 from dppo._checks import check_float, check_logp, check_same_shape, check_tensor, check_topk
 from dppo.methods import Method, get_method
-from dppo.trust_region import dppo_mask, ratio_mask, sequence_mask
+from dppo.token_loss import MAX_LOG_RATIO, TokenContext, TokenTerms, sequence_gate, token_loss
 
-__all__ = ["policy_loss", "aggregate", "aggregation_denominator", "TopK", "METRIC_KEYS"]
-
-# exp(20) ≈ 4.9e8: keeps r finite in fp32 whatever the log-ratio (Stable-RL clamps the log-ratio at 20 as well).
-MAX_LOG_RATIO = 20.0
+__all__ = ["policy_loss", "aggregate", "aggregation_denominator", "aggregation_weights", "TopK", "METRIC_KEYS",
+           "MAX_LOG_RATIO"]
 
 METRIC_KEYS = (
     "loss", "tokens", "abs_diff_mean", "abs_diff_max", "abs_diff_min", "abs_dlogp_mean", "diff_max", "diff_min",
     "div_mean", "div_max", "masked_frac", "masked_frac_pos", "masked_frac_neg", "ratio_mean", "ratio_max",
-    "capped_frac", "seq_masked_frac",
+    "capped_frac", "seq_masked_frac", "seq_dropped_frac", "behavior_masked_frac", "behavior_capped_frac",
+    "logratio_sq_mean",
 )
 
 
@@ -85,11 +90,33 @@ def aggregation_denominator(response_mask: Tensor, mode: str, max_len_norm: int 
     return den.clamp(min=1.0)
 
 
+def aggregation_weights(
+    response_mask: Tensor, mode: str, max_len_norm: int | None = None, denominator: Tensor | float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Per-token weights w [B, T] with aggregate(ℓ) = Σ_{b,t} w_{b,t} · ℓ_{b,t} for every mode:
+
+    * ``"token-mean"``, ``"seq-mean-token-sum-norm"``, ``"sum"``: w = m / den
+    * ``"seq-mean-token-mean"``: w = m / (max(n_b, 1) · den), n_b = Σ_t m_{b,t} (the tokens of sequence b)
+
+    with m the response mask and den :func:`aggregation_denominator` (or the given ``denominator``). Padding gets 0.
+    """
+    if mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum"):
+        raise ValueError(f"unknown aggregation {mode!r}")
+    m = response_mask.to(dtype)
+    if mode == "seq-mean-token-mean":
+        m = m / m.sum(dim=-1, keepdim=True).clamp(min=1.0)  # empty rows add 0
+    if denominator is None:
+        denominator = aggregation_denominator(response_mask, mode, max_len_norm)
+    return m / torch.as_tensor(denominator, dtype=dtype, device=m.device)
+
+
 def aggregate(
     token_loss: Tensor, response_mask: Tensor, mode: str, max_len_norm: int | None = None,
     denominator: Tensor | float | None = None,
 ) -> Tensor:
-    """Reduce [B, T] token losses to a scalar (verl's ``agg_loss`` modes), numerator / denominator:
+    """Reduce [B, T] token losses to a scalar (verl's ``agg_loss`` modes), Σ_{b,t} w_{b,t}·ℓ_{b,t} with
+    :func:`aggregation_weights`, i.e. numerator / denominator:
 
     * ``"token-mean"``:  Σ_{b,t} ℓ·m / Σ_{b,t} m  (DAPO; every token of the batch weighs the same)
     * ``"seq-mean-token-mean"``: Σ_b (Σ_t ℓ·m / Σ_t m) / #{b : Σ_t m > 0}  (original GRPO)
@@ -101,36 +128,7 @@ def aggregate(
     passes the whole batch's, so that the micro-batch losses add up to the batch loss. An all-masked batch gives 0
     with a finite (zero) gradient.
     """
-    m = response_mask.to(token_loss.dtype)
-    masked = token_loss * m
-    if mode == "seq-mean-token-mean":
-        numerator = (masked.sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)).sum()  # empty rows add 0
-    elif mode in ("token-mean", "seq-mean-token-sum-norm", "sum"):
-        numerator = masked.sum()
-    else:
-        raise ValueError(f"unknown aggregation {mode!r}")
-    if denominator is None:
-        denominator = aggregation_denominator(response_mask, mode, max_len_norm)
-    return numerator / denominator
-
-
-def _estimate(
-    estimator: str,
-    logp: Tensor,
-    anchor_logp: Tensor,
-    topk: tuple[Tensor, Tensor, Tensor] | None,
-) -> Tensor:
-    """D_t for one estimator, fp32, no grad. Top-K uses the rollout's top-K (its μ log-probs) whatever the anchor."""
-    if estimator == "binary_tv" or estimator == "none":
-        return div.binary_tv(logp, anchor_logp)
-    if estimator == "binary_kl":
-        return div.binary_kl(logp, anchor_logp)
-    if estimator == "ratio":
-        return torch.expm1((logp - anchor_logp).clamp(max=MAX_LOG_RATIO)).abs()
-    assert topk is not None
-    topk_logp, anchor_topk_logp, in_topk = topk
-    fn = div.topk_tv if estimator == "topk_tv" else div.topk_kl
-    return fn(logp, anchor_logp, topk_logp, anchor_topk_logp, in_topk)
+    return (token_loss * aggregation_weights(response_mask, mode, max_len_norm, denominator, token_loss.dtype)).sum()
 
 
 def _validate(
@@ -143,19 +141,21 @@ def _validate(
     topk_logp: Tensor | None,
     rollout_topk_logp: Tensor | None,
     sampled_in_topk: Tensor | None,
+    ref: str = "logp",
 ) -> None:
-    check_logp("logp", logp)
+    """Named errors for bad inputs; ``ref`` names the [B, T] tensor the others are checked against."""
+    check_logp(ref, logp)
     if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T] (batch, response tokens), got shape {tuple(logp.shape)}")
+        raise ValueError(f"{ref} must be [B, T] (batch, response tokens), got shape {tuple(logp.shape)}")
     if logp.numel() == 0:
-        raise ValueError(f"empty batch: logp has shape {tuple(logp.shape)}; need B >= 1 and T >= 1")
+        raise ValueError(f"empty batch: {ref} has shape {tuple(logp.shape)}; need B >= 1 and T >= 1")
     check_logp("rollout_logp", rollout_logp)
     check_tensor("response_mask", response_mask)
     if response_mask.dtype != torch.bool and not response_mask.is_floating_point() and response_mask.dtype not in (
         torch.int64, torch.int32, torch.uint8, torch.int8, torch.int16
     ):
         raise TypeError(f"response_mask must be bool or 0/1 numbers, got {response_mask.dtype}")
-    check_same_shape("logp", logp, rollout_logp=rollout_logp, response_mask=response_mask)
+    check_same_shape(ref, logp, rollout_logp=rollout_logp, response_mask=response_mask)
     if response_mask.dtype != torch.bool and not ((response_mask == 0) | (response_mask == 1)).all():
         raise ValueError("response_mask must hold only 0 and 1 (or be a bool tensor)")
     check_float("advantages", advantages)
@@ -169,12 +169,12 @@ def _validate(
     if m.needs_old_logp:
         if old_logp is None:
             raise ValueError(
-                f"method {m.name!r} anchors to the recomputed policy (anchor='recompute') and needs old_logp: pass the "
-                "log-probs of the policy before this update, or use a method with anchor='rollout'"
+                f"method {m.name!r} reads the recomputed policy π_θ′ (anchor='recompute' or seq_policy='old') and needs "
+                "old_logp: pass the log-probs of the policy before this update, or use a method with anchor='rollout'"
             )
     if old_logp is not None:
         check_logp("old_logp", old_logp)
-        check_same_shape("logp", logp, old_logp=old_logp)
+        check_same_shape(ref, logp, old_logp=old_logp)
     if m.needs_topk:
         if topk_logp is None or rollout_topk_logp is None or sampled_in_topk is None:
             raise ValueError(
@@ -184,7 +184,7 @@ def _validate(
     if topk_logp is not None or rollout_topk_logp is not None or sampled_in_topk is not None:
         if topk_logp is None or rollout_topk_logp is None or sampled_in_topk is None:
             raise ValueError("pass all three of topk_logp, rollout_topk_logp and sampled_in_topk, or none of them")
-        check_topk("logp", logp, topk_logp, rollout_topk_logp, sampled_in_topk)
+        check_topk(ref, logp, topk_logp, rollout_topk_logp, sampled_in_topk)
 
 
 def policy_loss(
@@ -210,7 +210,7 @@ def policy_loss(
         advantages: [B] (per sequence, broadcast over tokens) or [B, T].
         response_mask: [B, T] bool or 0/1; 0 marks prompt/padding tokens.
         old_logp: [B, T] log π_θ′(a_t|s_t), the trainer's recomputed log-probs before the update; needed by
-            ``anchor="recompute"`` methods (MiniRL, DPPO-*-recompute).
+            ``method.needs_old_logp`` (anchor="recompute": MiniRL, DPPO-*-recompute, IcePop, VACO).
         topk: a :class:`TopK` record (log π_θ and log μ at the rollout's top-K ids, and whether a_t is among them);
             needed by top-K estimators. Only used for the mask (no gradient flows through it).
         topk_logp, rollout_topk_logp, sampled_in_topk: the same three tensors as keywords (``topk`` or these).
@@ -218,7 +218,8 @@ def policy_loss(
             a micro-batch of (:func:`aggregation_denominator` on its response mask); the micro-batch losses then sum
             to the mini-batch loss exactly. None = this batch's own. Metrics stay per call.
     Returns:
-        (loss, metrics): a 0-dim float32 tensor (float64 for float64 ``logp``) to call ``.backward()`` on, and a dict of floats (glossary above).
+        (loss, metrics): a 0-dim float32 tensor (float64 for float64 ``logp``) to call ``.backward()`` on, and a
+        dict of floats (glossary above).
     """
     m = get_method(method)
     if topk is not None:
@@ -226,85 +227,59 @@ def policy_loss(
             raise ValueError("pass the top-K inputs either as topk=TopK(...) or as the three keywords, not both")
         topk_logp, rollout_topk_logp, sampled_in_topk = topk
     _validate(m, logp, rollout_logp, advantages, response_mask, old_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
+    _check_denominator(denominator)
+    resp = response_mask.bool()
+    # fp32 at least (bf16/fp16 inputs are upcast); float64 inputs stay float64 so gradcheck can verify the paths.
+    dt = torch.promote_types(logp.dtype, torch.float32)
+    ctx = token_context(m, rollout_logp, advantages, old_logp, rollout_topk_logp, sampled_in_topk, dt)
+    if topk_logp is not None:
+        ctx = ctx._replace(topk_logp=topk_logp.detach().float())
+    lp_d = logp.detach().to(dt)
+    seq_keep, seq_over = sequence_gate(m, lp_d, ctx, old_logp, resp)
+    ctx = ctx._replace(seq_keep=seq_keep)
+    terms = token_loss(m, logp, ctx)
+    loss = (terms.loss * aggregation_weights(resp, m.aggregation, m.max_len_norm, denominator, dt)).sum()
+    return loss, loss_metrics(m, loss, lp_d, ctx, terms, seq_over, resp)
+
+
+def _check_denominator(denominator: Tensor | float | None) -> None:
     if denominator is not None:
         den = float(denominator)
         if not (math.isfinite(den) and den > 0):
             raise ValueError(f"denominator must be a finite number > 0 (the mini-batch's aggregation_denominator), "
                              f"got {den}")
 
-    resp = response_mask.bool()
-    # fp32 at least (bf16/fp16 inputs are upcast); float64 inputs stay float64 so gradcheck can verify the paths.
-    dt = torch.promote_types(logp.dtype, torch.float32)
-    lp = logp.to(dt)
-    lp_d = lp.detach()
+
+def token_context(
+    m: Method, rollout_logp: Tensor, advantages: Tensor, old_logp: Tensor | None, rollout_topk_logp: Tensor | None,
+    sampled_in_topk: Tensor | None, dt: torch.dtype,
+) -> TokenContext:
+    """The detached per-token context of :func:`dppo.token_loss.token_loss` for a [B, T] batch (no gate yet, no
+    log π_θ at the top-K ids: the caller adds them)."""
     lmu = rollout_logp.detach().to(dt)
     anchor = old_logp.detach().to(dt) if m.anchor == "recompute" else lmu  # type: ignore[union-attr]
     adv = advantages.detach().to(dt)
     if adv.dim() == 1:
-        adv = adv[:, None].expand_as(lp)
-    topk = None
-    if topk_logp is not None:
-        topk = (topk_logp.detach().float(), rollout_topk_logp.detach().float(), sampled_in_topk)  # type: ignore[union-attr]
-
-    with torch.no_grad():
-        # IS weight against the rollout policy, truncated at C (Eq. 23). Clamped log-ratio keeps r finite.
-        log_ratio = (lp_d - lmu).clamp(max=MAX_LOG_RATIO)
-        ratio = torch.exp(log_ratio)
-        weight = ratio.clamp(max=m.ratio_cap)
-
-        # Token trust-region mask (Eq. 12 / PPO), against the method's anchor.
-        estimate = _estimate(m.estimator, lp_d, anchor, topk)
-        if m.estimator == "none":
-            token_mask = torch.ones_like(lp_d, dtype=torch.float32)
-        elif m.estimator == "ratio":
-            token_mask = ratio_mask(
-                lp_d, anchor, adv, m.delta_low, m.delta_high,
-                relax_low_below=m.relax_low_below, relax_high_below=m.relax_high_below,
-            )
-        else:
-            token_mask = dppo_mask(estimate, lp_d, anchor, adv, m.delta_low, m.delta_high)
-
-        # TRM: whole-sequence mask on the max token divergence.
-        if m.seq_delta != math.inf:
-            seq_est = estimate if m.seq_estimator == m.estimator else _estimate(m.seq_estimator, lp_d, anchor, topk)
-            seq_keep = sequence_mask(seq_est, resp, m.seq_delta)
-        else:
-            seq_keep = torch.ones(lp.shape[0], device=lp.device)
-        seq_keep = seq_keep.to(dt)
-        keep = token_mask.to(dt) * seq_keep[:, None]
-
-    if m.loss_form == "is":
-        # value −Â·M·min(r,C); gradient −Â·M·min(r,C)·∇log π, since exp(lp − sg(lp)) = 1 with gradient ∇lp.
-        token_loss = -adv * keep * weight * torch.exp(lp - lp_d)
-    elif m.loss_form == "ppo_clip":
-        # PPO: −min(r′Â, clip(r′, 1−ε_l, 1+ε_h)Â), r′ = π/anchor, scaled by sg(min(r, C)/r′) so the gradient where
-        # unclipped is −min(r, C)·Â·∇log π: the same as the "is" form (tested).
-        r_anchor = torch.exp((lp - anchor).clamp(max=MAX_LOG_RATIO))
-        clipped = r_anchor.clamp(1.0 - min(m.delta_low, 1.0), 1.0 + m.delta_high)
-        surrogate = torch.minimum(r_anchor * adv, clipped * adv)
-        token_loss = -(weight / r_anchor.detach()) * surrogate * seq_keep[:, None]
-    else:  # drpo
-        # −Â·r + |Â|·anchor·(r−1)²/(2δ); ∂/∂log π = −Â·r·(1 − sign(Â)(π − anchor)/δ) (paper-notes §8).
-        r_anchor = torch.exp((lp - anchor).clamp(max=MAX_LOG_RATIO))
-        penalty = adv.abs() * torch.exp(anchor) * (r_anchor - 1.0) ** 2 / (2.0 * m.drpo_delta)
-        token_loss = (-adv * r_anchor + penalty) * keep
-
-    loss = aggregate(token_loss, resp, m.aggregation, m.max_len_norm, denominator)
-    metrics = _metrics(loss, lp_d, lmu, anchor, adv, resp, estimate, token_mask, seq_keep, ratio, m.ratio_cap)
-    return loss, metrics
+        adv = adv[:, None].expand_as(lmu)
+    return TokenContext(
+        rollout_logp=lmu, anchor_logp=anchor, advantages=adv, seq_keep=torch.ones_like(lmu),
+        rollout_topk_logp=rollout_topk_logp.detach().float() if rollout_topk_logp is not None else None,
+        sampled_in=sampled_in_topk,
+    )
 
 
-def _metrics(
-    loss: Tensor, lp: Tensor, lmu: Tensor, anchor: Tensor, adv: Tensor, resp: Tensor, estimate: Tensor,
-    token_mask: Tensor, seq_keep: Tensor, ratio: Tensor, cap: float,
+def loss_metrics(
+    m: Method, loss: Tensor, lp: Tensor, ctx: TokenContext, terms: TokenTerms, seq_over: Tensor, resp: Tensor
 ) -> dict[str, float]:
+    """The metric glossary of the module docstring, for one batch ([B, T] tensors, ``lp`` detached)."""
+    lmu, anchor, adv = ctx.rollout_logp, ctx.anchor_logp, ctx.advantages
     with torch.no_grad():
         n = resp.sum()
         denom = n.clamp(min=1).float()
         any_tok = n > 0
 
         def mean(x: Tensor) -> Tensor:
-            return (x.float() * resp).sum() / denom
+            return x.float().masked_fill(~resp, 0.0).sum() / denom  # padding may hold inf: fill, not multiply
 
         def ext(x: Tensor, largest: bool) -> Tensor:
             fill = float("-inf") if largest else float("inf")
@@ -314,18 +289,24 @@ def _metrics(
 
         diff = torch.exp(lp) - torch.exp(lmu)
         absdiff = div.binary_tv(lp, lmu)
-        masked = (token_mask == 0) & resp
+        masked = (terms.mask == 0) & resp
         up = lp > anchor
         has_seq = resp.any(dim=-1)
+        b = torch.exp((anchor - lmu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+        log_r = (lp - lmu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         vals = torch.stack([
             loss.detach().float(),
             n.float(),
             mean(absdiff), ext(absdiff, True), ext(absdiff, False), mean((lp - lmu).abs()),
             ext(diff, True), ext(diff, False),
-            mean(estimate), ext(estimate, True),
+            mean(terms.estimate), ext(terms.estimate, True),
             mean(masked), mean(masked & (adv > 0) & up), mean(masked & (adv < 0) & ~up),
-            mean(ratio), ext(ratio, True),
-            mean(ratio > cap),
-            ((seq_keep == 0) & has_seq).float().sum() / has_seq.float().sum().clamp(min=1.0),
+            mean(terms.ratio), ext(terms.ratio, True),
+            mean(terms.ratio > m.ratio_cap),
+            (seq_over & has_seq).float().sum() / has_seq.float().sum().clamp(min=1.0),
+            mean(ctx.seq_keep == 0),
+            mean((b < m.behavior_low) | (b > m.behavior_high)),
+            mean(b > m.behavior_cap),
+            mean(log_r**2),
         ])
         return dict(zip(METRIC_KEYS, vals.tolist()))

@@ -54,7 +54,14 @@ LOSS_METRICS = _table({
     "ratio_mean": ("token", "mean r_t = π/μ"),
     "ratio_max": ("max", "max r_t"),
     "capped_frac": ("token", "fraction of tokens with r_t > C (IS weight truncated to C)"),
-    "seq_masked_frac": ("seq", "fraction of sequences dropped by a sequence-level mask (TRM)"),
+    "seq_masked_frac": ("seq", "fraction of sequences whose sequence statistic exceeds seq_delta (TRM: dropped "
+                        "whole; VACO: their tokens moving away are dropped)"),
+    "seq_dropped_frac": ("token", "fraction of tokens the sequence gate drops"),
+    "behavior_masked_frac": ("token", "fraction of tokens whose behaviour ratio π_θ′/μ lies outside the IcePop band "
+                             "(weight 0)"),
+    "behavior_capped_frac": ("token", "fraction of tokens whose behaviour ratio π_θ′/μ is above behavior_cap (VACO: "
+                             "weight truncated)"),
+    "logratio_sq_mean": ("token", "mean (log π − log μ)²: IPO's penalty before its coefficient kl_coef"),
 })
 
 # What the trainer writes per step besides loss/* and mismatch/*.

@@ -23,20 +23,24 @@ costs against the memory traffic the naive path spends on its [N, V] fp32 copies
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from dppo._tiles import (
+    DEFAULT_TILE_BYTES,
+    _acc_dtype,
+    _check_common,
+    _check_head,
+    _flat_ids,
+    _float,
+    _tile_stats,
+    _Workspace,
+    default_chunk_size,
+)
+
 __all__ = ["TokenStats", "token_stats", "token_stats_from_logits", "DEFAULT_TILE_BYTES", "default_chunk_size"]
-
-# Size of one logits tile (fp32 bytes). Sweep on the 2-core CPU of docs/benchmarks.md (H = 1536, V = 151,936,
-# N = 1024 bf16, fwd+bwd, best of 3 on a shared machine, ±5 %): 32 MB 1.82 s, 128 MB 1.78 s, 256 MB 1.93 s,
-# 512 MB 2.07 s. Small tiles make every tile's GEMM stream all of W for few tokens (memory-bound below ~100 tokens
-# in bf16); big ones cost page faults and cache misses. 128 MB = 220 tokens at V = 151,936.
-DEFAULT_TILE_BYTES = 128 * 2**20
-
 
 class TokenStats(NamedTuple):
     """Per-token statistics; leading dims ``[...]`` are those of ``target_ids``. Float outputs are fp32 (fp64 for
@@ -49,89 +53,9 @@ class TokenStats(NamedTuple):
     gathered_logp: Tensor | None  # [..., K'] log π at gather_ids          differentiable
 
 
-def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
-    """Tokens per forward tile so that one tile of accumulation-dtype logits is ~DEFAULT_TILE_BYTES."""
-    elem = 8 if dtype == torch.float64 else 4
-    return max(1, DEFAULT_TILE_BYTES // (elem * max(1, vocab_size)))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp64 stays fp64 (gradcheck); everything else (fp32, bf16, fp16) accumulates the log-sum-exp in fp32.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Tile kernels shared by the hidden-state and the logits entry points.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _linear_out(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    """out = x·wᵀ (+ b), written into a preallocated buffer (a fresh [c, V] tensor per tile costs page faults)."""
-    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
-
-
-class _Workspace:
-    """Tile buffers allocated once per call and reused by every tile.
-
-    Freshly allocated multi-MB tensors are returned to the OS on free and page-faulted in again on next use; on the
-    measured CPU that made an out-of-place ``exp`` over a tile 3.5× slower than into a warm buffer.
-    """
-
-    def __init__(self, numel: int, acc: torch.dtype, low: torch.dtype, device: torch.device, extra: int):
-        self.acc = torch.empty(numel, dtype=acc, device=device)
-        self.low = torch.empty(numel, dtype=low, device=device) if low != acc else None
-        self.extra = torch.empty(numel, dtype=acc, device=device) if extra else None
-
-    def logits(self, x: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
-        """Temperature-scaled logits of one tile in the accumulation dtype (GEMM in the input dtype, then upcast)."""
-        shape = (x.shape[0], w.shape[0])
-        z = self.acc[: shape[0] * shape[1]].view(shape)
-        if self.low is None:
-            _linear_out(x, w, b, z)
-        else:
-            z.copy_(_linear_out(x, w, b, self.low[: z.numel()].view(shape)))
-        if temperature != 1.0:
-            z.div_(temperature)  # the forward and the backward recompute use the same op: p matches lse bit for bit
-        return z
-
-    def scratch(self, like: Tensor) -> Tensor:
-        return self.extra[: like.numel()].view(like.shape)  # type: ignore[index]
-
-    def to_low(self, dz: Tensor) -> Tensor:
-        """dz cast to the GEMM dtype (into the buffer the tile's low-precision logits used)."""
-        return dz if self.low is None else self.low[: dz.numel()].view(dz.shape).copy_(dz)
-
-
-def _tile_stats(
-    y: Tensor,
-    e_buf: Tensor,
-    tgt: Tensor,
-    gids: Tensor | None,
-    topk: int,
-    want_entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Statistics of one [c, V] tile of temperature-scaled logits, given in ``y`` (accumulation dtype, overwritten).
-
-    Works relative to the row max m: y ← z − m, s = Σ exp y, lse = m + log s, and every log-prob is y[v] − log s.
-    Shifting first keeps the entropy H = log s − Σ exp(y)·y / s free of the cancellation that lse − Σ p·z suffers
-    when |z| is large. ``e_buf`` is a [c, V] scratch buffer. Returns (lse, logp, entropy, topk_ids, topk_logp,
-    gathered), each [c] or [c, K].
-    """
-    m = y.amax(dim=-1, keepdim=True)
-    y.sub_(m)
-    e = torch.exp(y, out=e_buf)
-    s = e.sum(dim=-1)
-    log_s = s.log()
-    lse = m.squeeze(-1) + log_s
-    logp = y.gather(-1, tgt[:, None]).squeeze(-1) - log_s
-    # Σ exp(y)·y in place in e (e is not needed after s): one pass fewer than vecdot's temporary.
-    ent = log_s - e.mul_(y).sum(dim=-1) / s if want_entropy else None
-    topk_ids = topk_logp = None
-    if topk:
-        vals, topk_ids = y.topk(topk, dim=-1)
-        topk_logp = vals - log_s[:, None]
-    gathered = y.gather(-1, gids) - log_s[:, None] if gids is not None else None
-    return lse, logp, ent, topk_ids, topk_logp, gathered
 
 
 def _tile_grad(
@@ -199,7 +123,7 @@ def _forward_tiles(n: int, chunk: int, tile_logits, tgt: Tensor, gids: Tensor | 
     for s0 in range(0, n, chunk):
         s1 = min(n, s0 + chunk)
         z = tile_logits(s0, s1)
-        out = _tile_stats(z, ws.scratch(z), tgt[s0:s1], gids[s0:s1] if gids is not None else None, topk, want_entropy)
+        out = _tile_stats(z, ws.scratch(z), tgt[s0:s1], gids[s0:s1] if gids is not None else None, topk, want_entropy)[:6]
         lse[s0:s1], logp[s0:s1] = out[0], out[1]
         if want_entropy:
             ent[s0:s1] = out[2]
@@ -345,44 +269,6 @@ class _LogitStats(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_ids(name: str, ids: object, shape: tuple[int, ...], v: int, device: torch.device) -> Tensor:
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of token ids, got {ids.dtype}")
-    if tuple(ids.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(ids.shape)}; expected {shape}")
-    if ids.device != device:
-        raise ValueError(f"{name} is on {ids.device} but the hidden states/logits are on {device}")
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= v:
-            raise ValueError(f"{name} holds ids outside [0, {v}) (vocabulary size {v}): min {lo}, max {hi}")
-    return ids.long()
-
-
-def _check_common(temperature: object, topk: object, chunk_size: object, v: int) -> tuple[float, int]:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if isinstance(topk, bool) or not isinstance(topk, int):
-        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
-    if topk < 0 or topk > v:
-        raise ValueError(f"topk must be in [0, V={v}] (the vocabulary size), got {topk}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return float(temperature), topk
-
-
-def _float(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    return x
-
-
 def _pack(out: tuple[Tensor, ...], lead: tuple[int, ...], topk: int, want_entropy: bool, gather: bool) -> TokenStats:
     logp, ent, topk_ids, topk_logp, gath = out
     return TokenStats(
@@ -392,18 +278,6 @@ def _pack(out: tuple[Tensor, ...], lead: tuple[int, ...], topk: int, want_entrop
         topk_logp=topk_logp.reshape(*lead, topk) if topk else None,
         gathered_logp=gath.reshape(*lead, gath.shape[-1]) if gather else None,
     )
-
-
-def _flat_ids(target_ids, gather_ids, lead: tuple, v: int, device) -> tuple[Tensor, Tensor | None]:
-    """Validated ids flattened over the leading dims: target [N], gather [N, K'] or None."""
-    tgt = _check_ids("target_ids", target_ids, lead, v, device).reshape(-1)
-    if gather_ids is None:
-        return tgt, None
-    if not isinstance(gather_ids, Tensor) or gather_ids.dim() != len(lead) + 1:
-        shape = tuple(gather_ids.shape) if isinstance(gather_ids, Tensor) else type(gather_ids).__name__
-        raise ValueError(f"gather_ids must have shape {lead} + (K',), got {shape}")
-    gids = _check_ids("gather_ids", gather_ids, lead + (gather_ids.shape[-1],), v, device)
-    return tgt, gids.reshape(-1, gids.shape[-1])
 
 
 def token_stats(
@@ -442,26 +316,8 @@ def token_stats(
     recomputes the logits (one extra GEMM). Logits must be finite (a −inf bias entry makes the entropy NaN).
     Works on any device; GEMMs run in the input dtype, everything after them in fp32.
     """
-    hidden = _float("hidden", hidden)
-    weight = _float("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden has hidden size H={hidden.shape[-1] if hidden.dim() else None} (shape {tuple(hidden.shape)}) "
-            f"but weight is [V, H] = {tuple(weight.shape)}: the last dims must match"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one so the dtypes match")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    hidden, weight, bias = _check_head(hidden, weight, bias)
     v = weight.shape[0]
-    if bias is not None:
-        bias = _float("bias", bias)
-        if tuple(bias.shape) != (v,):
-            raise ValueError(f"bias must have shape ({v},) to match weight, got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype or bias.device != weight.device:
-            raise TypeError(f"bias must have weight's dtype/device ({weight.dtype}, {weight.device})")
     temperature, topk = _check_common(temperature, topk, chunk_size, v)
     lead = tuple(hidden.shape[:-1])
     tgt, gids = _flat_ids(target_ids, gather_ids, lead, v, hidden.device)

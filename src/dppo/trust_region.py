@@ -1,8 +1,10 @@
 """Trust-region masks M_t ∈ {0, 1}: which tokens keep their gradient. Always float32 and detached.
 
-A mask only ever blocks an update that moves a token *away* from the anchor in the direction its advantage pushes
-(Eq. 12): the positive side (Â > 0 and π above the anchor) and the negative side (Â < 0 and π below it). An update
-that moves π back towards the anchor is never blocked. Tokens with Â = 0 carry no gradient either way.
+A DPPO mask only ever blocks an update that moves a token *away* from the anchor in the direction its advantage
+pushes (Eq. 12, ``sides="away"``): the positive side (Â > 0 and π above the anchor) and the negative side (Â < 0 and
+π below it). An update that moves π back towards the anchor is never blocked. Tokens with Â = 0 carry no gradient
+either way. ``sides="any"`` drops the advantage condition (IPO, prime-rl PR #1930/#2798: a token is masked when its
+estimate exceeds the threshold of its side, whatever Â).
 
 Thresholds are inclusive of the boundary (a token exactly at δ is kept): the paper writes "D_t > δ" in Eq. 12 and the
 authors' code uses ">" throughout (Stable-RL core_algos.py; the §5.3 minimal mask is written "≥" in the text, a measure-zero
@@ -26,6 +28,15 @@ def _check_threshold(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a number >= 0 (float('inf') disables that side), got {value!r}")
 
 
+def _direction(advantages: Tensor, sides: str) -> tuple[Tensor | bool, Tensor | bool]:
+    """(positive-side, negative-side) advantage conditions: Â > 0 / Â < 0 for "away", none for "any"."""
+    if sides == "away":
+        return advantages > 0, advantages < 0
+    if sides == "any":
+        return True, True
+    raise ValueError(f"sides must be 'away' (Eq. 12) or 'any' (IPO), got {sides!r}")
+
+
 def dppo_mask(
     divergence: Tensor,
     logp: Tensor,
@@ -33,17 +44,21 @@ def dppo_mask(
     advantages: Tensor,
     delta_low: float,
     delta_high: float,
+    sides: str = "away",
 ) -> Tensor:
     """DPPO's direction-aware divergence mask (Eq. 12), separate thresholds per side.
 
         M_t = 0  if  (Â_t > 0 and π > anchor and D_t > δ_high)  or  (Â_t < 0 and π < anchor and D_t > δ_low)
         M_t = 1  otherwise.
 
+    ``sides="any"`` drops the "Â_t > 0" / "Â_t < 0" conditions (IPO).
+
     Args:
         divergence: [...] D_t, an estimate of D(anchor(·|s_t) ‖ π(·|s_t)) (see :mod:`dppo.divergence`).
         logp: [...] log π(a_t|s_t); anchor_logp: [...] log of the anchor's prob of a_t (μ, or π_θ′ for "recompute").
         advantages: [...] Â_t, same shape (broadcast a per-sequence advantage before calling).
         delta_low: δ of the negative side (Â < 0); delta_high: δ of the positive side (Â > 0).
+        sides: "away" (Eq. 12) or "any".
     Returns:
         [...] float32 mask, detached.
     """
@@ -55,7 +70,8 @@ def dppo_mask(
     with torch.no_grad():
         d = divergence.detach().float()
         lp, la, adv = logp.detach().float(), anchor_logp.detach().float(), advantages.detach().float()
-        blocked = ((adv > 0) & (lp > la) & (d > delta_high)) | ((adv < 0) & (lp < la) & (d > delta_low))
+        pos, neg = _direction(adv, sides)
+        blocked = (pos & (lp > la) & (d > delta_high)) | (neg & (lp < la) & (d > delta_low))
         return (~blocked).float()
 
 
@@ -68,6 +84,7 @@ def ratio_mask(
     *,
     relax_low_below: float = 0.0,
     relax_high_below: float = 0.0,
+    sides: str = "away",
 ) -> Tensor:
     """PPO's ratio mask on r = π/anchor (the zero-gradient region of PPO-clip), with clip-higher and the §6 ablations.
 
@@ -76,7 +93,8 @@ def ratio_mask(
 
     ε_low = ε_high = 0.2 is PPO/GRPO; ε_high = 0.28 is DAPO's clip-higher (§5.1). α > 0 exempts tokens the anchor
     gives probability below α from that side, i.e. ε = ∞ for them: "Relax-low/high/both" of §6, Fig. 7 (α = 0.1).
-    The comparison is made in log space (log r > log(1 + ε)), so no ratio overflows.
+    The comparison is made in log space (log r > log(1 + ε)), so no ratio overflows. ``sides="any"`` drops the
+    advantage conditions (a symmetric ratio trust region).
 
     Args:
         logp: [...] log π(a_t); anchor_logp: [...] log anchor(a_t) (μ for GRPO, π_θ′ for MiniRL); advantages: [...].
@@ -99,22 +117,25 @@ def ratio_mask(
         hi = math.log1p(eps_high) if math.isfinite(eps_high) else math.inf
         lo = math.log1p(-eps_low) if eps_low < 1.0 else -math.inf
         anchor_prob = torch.exp(la)
-        blocked_pos = (adv > 0) & (log_ratio > hi) & (anchor_prob >= relax_high_below)
-        blocked_neg = (adv < 0) & (log_ratio < lo) & (anchor_prob >= relax_low_below)
+        pos, neg = _direction(adv, sides)
+        blocked_pos = pos & (log_ratio > hi) & (anchor_prob >= relax_high_below)
+        blocked_neg = neg & (log_ratio < lo) & (anchor_prob >= relax_low_below)
         return (~(blocked_pos | blocked_neg)).float()
 
 
-def sequence_mask(divergence: Tensor, response_mask: Tensor, delta: float) -> Tensor:
-    """Trust Region Masking (TRM, arXiv 2512.23075): keep a whole sequence only if its *maximum*
-    token divergence is within δ.
+def sequence_mask(divergence: Tensor, response_mask: Tensor, delta: float, reduce: str = "max") -> Tensor:
+    """A whole-sequence gate: keep a sequence only if its token divergences, reduced over the response, are ≤ δ.
 
-        M(x, y) = 1[ max_{t ∈ response} D_t ≤ δ ]
+        M(x, y) = 1[ reduce_{t ∈ response} D_t ≤ δ ]
 
-    Not direction-aware: TRM's bounds depend on the max token divergence of the sequence, whatever the advantage.
+    ``reduce="max"``: Trust Region Masking (TRM, arXiv 2512.23075), whose bounds depend on the max
+    token divergence of the sequence. ``reduce="mean"``: the mean over the response tokens (VACO, arXiv 2603.01365,
+    as open-instruct PR #1755 computes it: Σ_t D_t·m_t / max(Σ_t m_t, 1)). Not direction-aware.
 
     Args:
         divergence: [B, T] per-token estimate D_t; response_mask: [B, T] bool or 0/1 (padding is ignored).
         delta: δ ≥ 0 (inf keeps every sequence).
+        reduce: "max" or "mean".
     Returns:
         [B] float32, detached. A sequence with no response token is kept (it carries no loss anyway).
     """
@@ -123,6 +144,14 @@ def sequence_mask(divergence: Tensor, response_mask: Tensor, delta: float) -> Te
         raise ValueError(f"divergence must be [B, T], got shape {tuple(divergence.shape)}")
     check_same_shape("divergence", divergence, response_mask=response_mask)
     _check_threshold("delta", delta)
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' (TRM) or 'mean' (VACO), got {reduce!r}")
     with torch.no_grad():
-        d = divergence.detach().float().masked_fill(~response_mask.bool(), float("-inf"))
-        return (d.max(dim=-1).values <= delta).float()
+        resp = response_mask.bool()
+        d = divergence.detach().float()
+        if reduce == "max":
+            stat = d.masked_fill(~resp, float("-inf")).max(dim=-1).values
+        else:
+            m = resp.float()
+            stat = (d.masked_fill(~resp, 0.0) * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
+        return (stat <= delta).float()
