@@ -54,21 +54,29 @@ def test_no_sharing_where_the_model_cannot():
     assert not can_share_prompts(model)
 
 
-def test_trainer_step_is_the_same_with_and_without_sharing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused, share", [(False, True), (True, False), (True, True)],
+                         ids=["sharing", "fused", "fused+sharing"])
+@pytest.mark.parametrize("method", ["dppo-binary-tv", "dppo-topk-kl", "grpo-clip-higher", "icepop", "vaco", "trm"])
+def test_trainer_step_is_the_same_on_every_forward_path(tmp_path, monkeypatch, method, fused, share):
+    """One RL step through the plain path (response_stats + policy_loss, no sharing) and through the fused loss
+    and/or the shared-prompt forward: the same metrics and updated weights to fp32 tolerance."""
     import os
 
     from dppo.run.trainer import Trainer
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))
     recs, params = [], []
-    for share in (False, True):
-        t = Trainer(tiny_cfg(tmp_path / str(share), str(tmp_path / "c"), share_prompts=share, lr=1e-2,
-                             reward="my_rewards:contains_answer", method="dppo-topk-kl"), log=lambda m: None)
+    for f, s in ((False, False), (fused, share)):
+        t = Trainer(tiny_cfg(tmp_path / f"{f}{s}", str(tmp_path / "c"), share_prompts=s, fused_loss=f, lr=1e-2,
+                             reward="my_rewards:contains_answer", method=method), log=lambda m: None)
         recs.append(t.step(0))
         params.append([p.detach().clone() for p in t.model.parameters()])
     a, b = recs
     assert a["reward"] == b["reward"] and a["grad_norm"] > 0
-    for k in ("loss/loss", "grad_norm", "loss/abs_diff_mean", "mismatch/abs_diff_mean", "entropy"):
-        assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-7), k
+    for k in a:
+        if k.startswith("loss/") or k in ("grad_norm", "entropy") or k.startswith("mismatch/"):
+            assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), k
+    # Adam normalises every coordinate's step: one whose gradient is ~0 moves by a fraction of lr (1e-2) on fp32
+    # rounding noise alone, so the weights are held to 1e-3 of a step
     for x, y in zip(*params):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

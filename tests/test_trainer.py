@@ -161,19 +161,19 @@ def test_bad_config_cli_exit_code(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
     import dppo.run.loop as tr
-    import dppo.run.trainer as trainer_mod
+    from dppo.run.trainer import Trainer
 
-    real = trainer_mod.policy_loss
+    real = Trainer._loss
     calls = {"n": 0}
 
-    def flaky(*a, **k):
-        loss, m = real(*a, **k)
+    def flaky(self, *a, **k):
+        loss, m, ent = real(self, *a, **k)
         calls["n"] += 1
         if calls["n"] > 2 * TINY["minibatches"]:  # steps 1–2 fine, step 3 blows up
             loss = loss * float("nan")
-        return loss, m
+        return loss, m, ent
 
-    monkeypatch.setattr(trainer_mod, "policy_loss", flaky)
+    monkeypatch.setattr(Trainer, "_loss", flaky)
     out = tmp_path / "nan"
     with pytest.raises(tr.NonFiniteError, match=r"step 3.*last good checkpoint \(step 2\)"):
         tr.train(tiny_cfg(out, cache_dir, steps=5), log=lambda m: None)

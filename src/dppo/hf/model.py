@@ -96,7 +96,7 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
 
 def enable_gradient_checkpointing(model) -> list[torch.nn.Module]:
     """Turn on transformers' activation checkpointing of every decoder layer, non-reentrant, and return the modules
-    that carry the switch (use them with :func:`checkpointing_active`). Works on a plain model or a peft model.
+    that carry the switch (use them with :func:`training_mode`). Works on a plain model or a peft model.
 
     transformers checkpoints a layer only while ``layer.training`` is set, but the trainer keeps the policy in eval
     mode (no dropout: π must be the same function at rollout and in the loss), so the switch alone does nothing:

@@ -162,6 +162,10 @@ class OptimConfig:
     micro-batch loss is divided by the mini-batch's denominator; 0 = the whole mini-batch)"""
     train_dtype: Annotated[Literal["fp32", "bf16"], _a("train_dtype")] = "fp32"
     """training forward precision (bf16 = autocast)"""
+    fused_loss: Annotated[bool, _a("fused_loss")] = True
+    """compute the log-probs, the policy loss and its gradient w.r.t. the hidden states and the head in one tiled
+    pass (dppo.policy_loss_from_hidden: 3 GEMMs of tokens × vocabulary × hidden, no [N, V] tensor) where the head is
+    plain h·Wᵀ + b; the same loss and gradients as the two-pass path (tested)"""
     share_prompts: Annotated[bool, _a("share_prompts")] = True
     """run each group's prompt once in the training forward and let its responses attend to that one prompt KV
     (exact; saves (G−1)/G of the prompt compute for the rows of a group in the same micro-batch). Off by itself where

@@ -29,8 +29,9 @@ import torch
 
 from dppo.advantages import group_advantages
 from dppo.engines import HFEngine
-from dppo.hf.model import (enable_gradient_checkpointing, eos_token_ids, load_model, response_stats,
-                           training_mode)
+from dppo.fused import policy_loss_from_hidden
+from dppo.hf.model import (can_share_prompts, decoder_and_head, enable_gradient_checkpointing, eos_token_ids,
+                           load_model, response_hidden_states, response_stats, training_mode)
 from dppo.loss import aggregation_denominator, policy_loss
 from dppo.metrics import MetricPool
 from dppo.rollout import Rollout, SamplingParams, encode_prompts
@@ -96,6 +97,8 @@ class Trainer:
             self.train_modules += [mod for name, mod in self.model.named_modules()
                                    if isinstance(mod, torch.nn.Dropout) and "lora_dropout" in name]
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # the adapters alone under LoRA
+        # (decoder body, lm head) for the fused statistics + loss; None: the logits path (a post-processed head)
+        self.head = decoder_and_head(self.model) if cfg.optim.fused_loss else None
         rc = cfg.rollout
         self.sampling = SamplingParams(self.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                        top_p=rc.top_p, record_topk=self.method.topk if self.method.needs_topk else 0,
@@ -226,17 +229,15 @@ class Trainer:
                 # the mini-batch's aggregation denominator for every micro-batch: their losses sum to its loss exactly
                 den = aggregation_denominator(mb.response_mask, m.aggregation, m.max_len_norm)
                 for b in mb.split(self._micro(len(mb))):
-                    st = self._stats(b, grad=True)
-                    loss, met = policy_loss(m, st.logp, b.rollout_logp, b.advantages, b.response_mask,
-                                            old_logp=b.old_logp, topk=b.topk(st.gathered_logp), denominator=den)
+                    loss, met, entropy = self._loss(b, den)
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"loss is {loss.item()} at step {step + 1} (mini-batch {k + 1})")
                     loss.backward()
                     pool.add(met, n_seqs=b.n_seqs())
                     if epoch == 0 and k == 0:
                         first.add(met, n_seqs=b.n_seqs())
-                    ent_sum += float((st.entropy.detach() * b.response_mask).sum())
-                    ent_tok += float(b.response_mask.sum())
+                    ent_sum += entropy * met["tokens"]
+                    ent_tok += met["tokens"]
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
                 gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
                 if not torch.isfinite(gn):
@@ -263,6 +264,30 @@ class Trainer:
             "entropy": entropy,
             "adv_abs_mean": float(adv.abs().mean()),
         }
+
+    def _loss(self, b: Batch, den: torch.Tensor) -> tuple[torch.Tensor, dict, float]:
+        """(loss, metrics, mean entropy) of one micro-batch: the fused statistics + loss of
+        :func:`dppo.policy_loss_from_hidden` from the final hidden states where the head is plain h·Wᵀ + b (3 GEMMs
+        of N·V·H, no [N, V] tensor), else :func:`dppo.policy_loss` on the log-probs of ``response_stats``."""
+        m, temperature = self.method, self.cfg.rollout.temperature
+        if self.head is None:
+            st = self._stats(b, grad=True)
+            loss, met = policy_loss(m, st.logp, b.rollout_logp, b.advantages, b.response_mask, old_logp=b.old_logp,
+                                    topk=b.topk(st.gathered_logp), denominator=den)
+            resp = b.response_mask
+            return loss, met, float((st.entropy.detach() * resp).sum() / resp.sum().clamp(min=1))
+        body, head = self.head
+        share = b.prompt_index if self.cfg.optim.share_prompts and can_share_prompts(self.model) else None
+        autocast = torch.autocast(b.input_ids.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        with training_mode(self.train_modules), autocast:
+            hidden = response_hidden_states(body, b.input_ids, b.attention_mask, b.response_ids.shape[1], share)
+        topk = self.method.needs_topk
+        loss, met = policy_loss_from_hidden(
+            m, hidden.to(head.weight.dtype), head.weight, b.response_ids, b.rollout_logp, b.advantages,
+            b.response_mask, bias=head.bias, temperature=temperature, old_logp=b.old_logp,
+            rollout_topk_ids=b.rollout_topk_ids if topk else None, rollout_topk_logp=b.rollout_topk_logp if topk
+            else None, denominator=den, entropy=True)
+        return loss, met, met.pop("entropy")
 
     def _micro(self, n: int) -> int:
         return self.cfg.optim.micro_batch_size or n
