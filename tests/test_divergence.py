@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -173,7 +174,7 @@ TOL = 2e-6
 @pytest.mark.parametrize("kind", ["gaussian", "long_tail", "peaked", "near_one_hot"])
 @pytest.mark.parametrize("K", [1, 5, 20])
 def test_lower_bound_chain_many_distributions(kind, K):
-    g = torch.Generator().manual_seed(hash((kind, K)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{kind}/{K}".encode()))  # str hash() differs per process
     n, V = 500, 300
     mu = _family(kind, n, V, g)
     scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2.0  # from tiny to large policy moves
@@ -194,8 +195,8 @@ def test_lower_bound_chain_fp32_inputs_within_documented_rounding(kind, K):
     # fp32 log-probs (engine output). Top-K's "other" cell is 1 − (sum of K+1 fp32 masses), so each side's is known
     # to r = (K+1)·eps_fp32. The divergence docstring's error model: a true π_o below that can round to 0 and be
     # floored at 1e-12, over-estimating by μ_o·log(π_o / max(1e-12, π_o − r)); μ_o's own rounding moves its term by
-    # ≤ r·(log(1/1e-12) + 1). Beyond that, fp32 tolerance. Binary ≤ Top-K holds to fp32 tolerance regardless.
-    g = torch.Generator().manual_seed(hash((kind, K, "fp32")) % 2**31)
+    # ≤ r·(log(1/1e-12) + 1). Beyond that, fp32 tolerance. Binary ≤ Top-K holds to that μ_o term and fp32 tolerance.
+    g = torch.Generator().manual_seed(zlib.crc32(f"{kind}/{K}/fp32".encode()))
     n, V = 500, 300
     mu = _family(kind, n, V, g)
     scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2.0
@@ -204,7 +205,9 @@ def test_lower_bound_chain_fp32_inputs_within_documented_rounding(kind, K):
     r = (K + 1) * torch.finfo(torch.float32).eps
     rounding = mu_o * torch.log(pi_o / (pi_o - r).clamp(min=1e-12)).clamp(min=0) + r * (math.log(1e12) + 1)
     assert (btv <= ttv + TOL).all() and (ttv <= etv + TOL).all()
-    assert (bkl <= tkl + TOL).all(), (bkl - tkl).max()
+    # Binary's rest mass is exact (log1mexp) but Top-K's "other" cell carries the same μ_o rounding as above, which
+    # can lower Top-K-KL below Binary-KL by up to r·(log(1/1e-12) + 1) (seen: 5.5e-6 on near-one-hot rows, K = 20)
+    assert (bkl <= tkl + TOL + r * (math.log(1e12) + 1)).all(), (bkl - tkl).max()
     assert (tkl.double() <= ekl.double() + TOL * (1 + ekl.double()) + rounding).all(), (tkl - ekl).max()
 
 
