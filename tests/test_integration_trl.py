@@ -161,7 +161,8 @@ def test_batch_without_mu_is_refused(model_dir, tmp_path):
 def test_topk_needs_the_rollout_topk(model_dir, tmp_path):
     def no_topk(prompts, trainer):
         ids = trainer.processing_class(text=prompts)["input_ids"]
-        return {"prompt_ids": ids, "completion_ids": [[5, 6, 2]] * len(prompts), "logprobs": [[-1.0] * 3] * len(prompts)}
+        n = len(prompts)
+        return {"prompt_ids": ids, "completion_ids": [[5, 6, 2]] * n, "logprobs": [[-1.0] * 3] * n}
 
     t = _trainer(model_dir, _args(tmp_path, method="dppo-topk-tv"), rollout_func=no_topk)
     with pytest.raises(ValueError, match="rollout_topk_ids"):
@@ -222,7 +223,8 @@ def _reference(t, batch, old, m):
     if not m.needs_topk:
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-        trl_logp = t._get_per_token_logps_and_entropies(t.model, ids, att, ids.shape[1] - batch["prompt_ids"].shape[1])[0]
+        n_tok = batch["completion_ids"].shape[1]
+        trl_logp = t._get_per_token_logps_and_entropies(t.model, ids, att, n_tok)[0]
         mask = batch["completion_mask"].bool()
         torch.testing.assert_close(trl_logp[mask].double(), logp[mask].detach(), rtol=0, atol=2e-6)
         logp = trl_logp

@@ -184,8 +184,8 @@ def test_rollout_is_weights_scale_each_token(name):
 
 
 def test_same_gradient_as_verls_own_dppo_tv():
-    """verl's dppo_tv (δ from clip_ratio_low/high, cap clip_ratio_c) and dppo/dppo-binary-tv with the same δ and cap give
-    the same gradient: −Â·min(π/μ, C)·M·∇log π with the same mask (their loss values differ by construction)."""
+    """verl's dppo_tv (δ from clip_ratio_low/high, cap clip_ratio_c) and dppo/dppo-binary-tv with the same δ and cap
+    give the same gradient: −Â·min(π/μ, C)·M·∇log π with the same mask (their loss values differ by construction)."""
     cfg = actor_config(clip_ratio_low=0.1, clip_ratio_high=0.2, clip_ratio_c=2.5)
     mu, logp, adv, mask = verl_batch(seed=2)
     _, g_verl, verl_metrics = call(get_policy_loss_fn("dppo_tv"), cfg, mu, logp, adv, mask, "token-mean")
@@ -242,7 +242,8 @@ def test_warnings_on_verl_defaults():
 
 def test_check_config_warns_about_mu_and_the_legacy_trainer():
     """Hydra overrides, as on verl's command line (also what `python -m dppo.integrations.verl` takes)."""
-    quiet = BASE + ["actor_rollout_ref.actor.clip_ratio_c=5.0", "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/cispo"]
+    quiet = BASE + ["actor_rollout_ref.actor.clip_ratio_c=5.0",
+                    "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/cispo"]
     with pytest.warns(UserWarning):
         off = dverl.check_config(dverl.load_verl_config(quiet))
     assert len(off) == 1 and "bypass_mode=False" in off[0]

@@ -103,7 +103,8 @@ class DPPOConfig(GRPOConfig):
         """The preset with this config's overrides. ``seq-mean-token-sum-norm`` divides by L = max_completion_length
         (Dr.GRPO's constant, as TRL's ``dr_grpo``; *ours*: the preset's None means the batch's T), so that the
         micro-batch losses of an accumulation window add up to the window's loss whatever their padded lengths."""
-        over = {k: v for k in ("delta_low", "delta_high", "ratio_cap", "topk", "aggregation") if (v := getattr(self, k)) is not None}
+        keys = ("delta_low", "delta_high", "ratio_cap", "topk", "aggregation")
+        over = {k: v for k in keys if (v := getattr(self, k)) is not None}
         m = replace(self.method, **over)
         if m.aggregation == "seq-mean-token-sum-norm" and m.max_len_norm is None:
             m = dataclasses.replace(m, max_len_norm=self.max_completion_length)
@@ -143,7 +144,8 @@ def hf_rollout(prompts: list, trainer: GRPOTrainer) -> dict:
     dtype = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
     method = args.dppo_method
     params = SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                            top_k=args.top_k or 0, top_p=args.top_p, record_topk=method.topk if method.needs_topk else 0)
+                            top_k=args.top_k or 0, top_p=args.top_p,
+                            record_topk=method.topk if method.needs_topk else 0)
     was_training = model.training
     try:  # the engine samples with the policy module itself (same dtype): eval mode, no copy
         engine = HFEngine(model, eos_token_id=trainer.eos_token_ids, pad_token_id=tok.pad_token_id, dtype=dtype)
@@ -173,11 +175,14 @@ class _Tap:
         return self.last
 
 
-def _pad_topk(rows: list, width: int, dtype: torch.dtype, device) -> Tensor:
-    k = rows[0].shape[-1] if len(rows) else 0
-    out = torch.zeros((len(rows), width, k), dtype=dtype, device=device)
+def _pad_topk(name: str, rows: list, lengths: list[int], width: int, dtype: torch.dtype, device) -> Tensor:
+    """Per-completion [T_i, K] rows (tensors or lists) → [B, width, K], zero-padded after each completion."""
+    rows = [torch.as_tensor(r, dtype=dtype) for r in rows]
+    if len(rows) != len(lengths) or any(r.dim() != 2 or r.shape[0] != n for r, n in zip(rows, lengths)):
+        raise ValueError(f"the rollout_func's {name} must hold one [T_i, K] entry per completion, T_i its length "
+                         f"{lengths}; got shapes {[tuple(r.shape) for r in rows]}")
+    out = torch.zeros((len(rows), width, rows[0].shape[-1] if rows else 0), dtype=dtype, device=device)
     for i, r in enumerate(rows):
-        r = torch.as_tensor(r, dtype=dtype)
         out[i, : r.shape[0]] = r
     return out
 
@@ -216,8 +221,9 @@ class DPPOTrainer(GRPOTrainer):
                 raise ValueError("Top-K methods with tools: tool turns change completion_ids after the rollout, so its "
                                  "top-K no longer lines up with the tokens")
             ids = batch["completion_ids"]
-            batch["rollout_topk_ids"] = _pad_topk(last["rollout_topk_ids"], ids.shape[1], torch.long, ids.device)
-            batch["rollout_topk_logp"] = _pad_topk(last["rollout_topk_logp"], ids.shape[1], torch.float32, ids.device)
+            lengths = [len(c) for c in last["completion_ids"]]
+            for key, dtype in zip(TOPK_FIELDS, (torch.long, torch.float32)):
+                batch[key] = _pad_topk(key, last[key], lengths, ids.shape[1], dtype, ids.device)
         return batch
 
     def _ga(self) -> int:  # accumulation steps of this optimizer step (Trainer sets the attribute in train())
@@ -244,7 +250,9 @@ class DPPOTrainer(GRPOTrainer):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # tokens the model generated (1), not tool output (0)
+            mask = mask * inputs["tool_mask"]
         mu = inputs.get("sampling_per_token_logps")
         if mu is None:
             raise ValueError(
