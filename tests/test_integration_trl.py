@@ -119,6 +119,11 @@ def test_drift_signatures_dppo_relies_on():
     assert "self.rollout_func(prompts, self)" in src and '"logprobs"' in src, "rollout_func contract changed"
 
 
+def test_dppo_trainer_overrides_two_grpo_methods():
+    overridden = {k for k, v in vars(DPPOTrainer).items() if callable(v) and hasattr(GRPOTrainer, k)}
+    assert overridden == {"_compute_loss", "_generate_and_score_completions"}, overridden
+
+
 def test_drift_replaced_options_keep_trl_defaults():
     fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
     for name, (default, _) in dtrl._REPLACED.items():
