@@ -41,6 +41,15 @@ BASE = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]
 _BASE_CFG = []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """[6, 7] tensors: a second thread only adds a scheduler wait per op on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def trainer_config(**actor):
     """verl's ppo_trainer.yaml composed by Hydra once (+ BASE), copied, with ``actor.<key>`` set to Python values."""
     if not _BASE_CFG:
