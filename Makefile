@@ -12,10 +12,14 @@ demo:
 	@bash scripts/bootstrap.sh ""
 	$(PY) -m dppo demo
 
-# lora: peft (+ accelerate, psutil) and wandb install in seconds, so the LoRA and W&B tests run in CI too
+# lora: peft (+ accelerate, psutil) and wandb install in seconds, so the LoRA and W&B tests run in CI too.
+# trl: dppo.integrations.trl is tested against the real TRL (pinned). verl pins transformers < 5.11 and brings ray,
+# so its plug-in is tested in its own venv, .venv-verl (scripts/verl_venv.sh, ~2-3 min to create, then cached).
 test:
-	@bash scripts/bootstrap.sh test,train,lora,wandb
+	@bash scripts/bootstrap.sh test,train,lora,wandb,trl
+	@bash scripts/verl_venv.sh
 	$(PY) -m pytest -q tests
+	DPPO_REQUIRE_VERL=1 .venv-verl/bin/python -m pytest -q tests/integrations_verl
 
 # Peer and trainer benchmarks (minutes; installs trl). The token-statistics benchmark (30 min) runs on its own:
 #   .venv/bin/python benchmarks/token_stats.py
@@ -27,4 +31,4 @@ bench:
 	$(PY) benchmarks/train_memory.py
 
 clean:
-	rm -rf .venv runs .pytest_cache .hypothesis
+	rm -rf .venv .venv-verl runs .pytest_cache .hypothesis
