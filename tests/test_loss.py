@@ -444,3 +444,25 @@ def test_bad_input(change, method, exc, match):
     args = [kw.pop(k) for k in ("logp", "rollout_logp", "advantages", "response_mask")]
     with pytest.raises(exc, match=match):
         policy_loss(method, *args, **kw)
+
+
+def test_token_weights_replace_the_aggregation():
+    """policy_loss(token_weights=w) = Σ_t w_t·ℓ_t with ℓ_t from single-token calls (aggregation 'sum'), for a preset
+    whose penalty does not scale with Â (ipo-kl): a host trainer's own per-token weights, not Â rescaling."""
+    g = torch.Generator().manual_seed(5)
+    lp = (torch.rand(3, 4, generator=g, dtype=torch.float64) * -2).requires_grad_()
+    lmu = torch.rand(3, 4, generator=g, dtype=torch.float64) * -2
+    adv = torch.randn(3, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    w = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    loss, _ = policy_loss("ipo-kl", lp, lmu, adv, mask, token_weights=w)
+    unit = dataclasses.replace(PRESETS["ipo-kl"], aggregation="sum")
+    want = sum(w[b, t] * policy_loss(unit, lp[b:b + 1, t:t + 1], lmu[b:b + 1, t:t + 1], adv[b:b + 1],
+                                     mask[b:b + 1, t:t + 1])[0] for b in range(3) for t in range(4) if mask[b, t])
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    g1, = torch.autograd.grad(loss, lp)
+    g2, = torch.autograd.grad(want, lp)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="token_weights or denominator"):
+        policy_loss("ipo-kl", lp, lmu, adv, mask, token_weights=w, denominator=2.0)

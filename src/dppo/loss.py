@@ -200,6 +200,7 @@ def policy_loss(
     rollout_topk_logp: Tensor | None = None,
     sampled_in_topk: Tensor | None = None,
     denominator: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy loss of ``method`` on one batch (Eq. 23; module docstring for the steps and the metric glossary).
 
@@ -217,6 +218,9 @@ def policy_loss(
         denominator: for gradient accumulation, the aggregation denominator of the whole mini-batch this call sees
             a micro-batch of (:func:`aggregation_denominator` on its response mask); the micro-batch losses then sum
             to the mini-batch loss exactly. None = this batch's own. Metrics stay per call.
+        token_weights: [B, T] per-token aggregation weights that replace the method's aggregation (and
+            ``denominator``): loss = Σ_t w_t·ℓ_t. For a host trainer that aggregates its own way (verl's
+            ``agg_loss`` with its global-batch normalisation, :mod:`dppo.integrations.verl`); padding should get 0.
     Returns:
         (loss, metrics): a 0-dim float32 tensor (float64 for float64 ``logp``) to call ``.backward()`` on, and a
         dict of floats (glossary above).
@@ -238,7 +242,14 @@ def policy_loss(
     seq_keep, seq_over = sequence_gate(m, lp_d, ctx, old_logp, resp)
     ctx = ctx._replace(seq_keep=seq_keep)
     terms = token_loss(m, logp, ctx)
-    loss = (terms.loss * aggregation_weights(resp, m.aggregation, m.max_len_norm, denominator, dt)).sum()
+    if token_weights is not None:
+        if denominator is not None:
+            raise ValueError("pass token_weights or denominator, not both (the weights carry the normalisation)")
+        check_same_shape("logp", logp, token_weights=token_weights)
+        w = token_weights.detach().to(dt).masked_fill(~resp, 0.0)
+    else:
+        w = aggregation_weights(resp, m.aggregation, m.max_len_norm, denominator, dt)
+    loss = (terms.loss.masked_fill(~resp, 0.0) * w).sum()
     return loss, loss_metrics(m, loss, lp_d, ctx, terms, seq_over, resp)
 
 

@@ -184,9 +184,8 @@ def test_rollout_is_weights_scale_each_token(name):
         for c in cols:
             if not mask[b, c].any():
                 continue
-            row_loss, _ = dppo.policy_loss(unit, lp[b:b + 1, c], mu[b:b + 1, c], adv[b:b + 1, c] * w[b:b + 1, c],
-                                           mask[b:b + 1, c])
-            total = total + row_loss / n
+            row_loss, _ = dppo.policy_loss(unit, lp[b:b + 1, c], mu[b:b + 1, c], adv[b:b + 1, c], mask[b:b + 1, c])
+            total = total + w[b, c].reshape(-1)[0] * row_loss / n  # w is constant over the slice
     total.backward()
     torch.testing.assert_close(loss, total.detach(), rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(grad, lp.grad, rtol=1e-8, atol=1e-12)

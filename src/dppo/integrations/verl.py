@@ -10,9 +10,9 @@ left at "auto"). Each loss is :func:`dppo.policy_loss` on verl's tensors:
     loss     = agg_loss(ℓ, response_mask, actor.loss_agg_mode, **config.global_batch_info)   verl's own aggregation
 
 verl's ``agg_loss`` is linear in its loss matrix, agg_loss(ℓ) = Σ_t c_t ℓ_t with c = ∂agg_loss/∂ℓ (which carries
-verl's global-batch / data-parallel normalisation), and every dppo loss is positively homogeneous in the advantage
-(ℓ_t(c·Â) = c·ℓ_t(Â) for c > 0: masks read sign(Â) only), so the loss is ``policy_loss(sum, c·Â·w)`` with
-w = verl's ``rollout_is_weights`` when given (tests/integrations_verl checks this against policy_loss for every preset).
+verl's global-batch / data-parallel normalisation), so the loss is ``policy_loss(..., token_weights=c·w)``: dppo's
+per-token losses aggregated with verl's weights, w = verl's ``rollout_is_weights`` when given
+(tests/integrations_verl checks this against policy_loss for every preset).
 
 Refused (the loss raises, naming why): Top-K presets, because nothing carries the rollout's top-K to a registered loss
 in verl 0.9.1 (``TOPK_MISSING``), and presets anchored to the recomputed π_old, because a registered loss sees one
@@ -130,8 +130,7 @@ def _make_loss(name: str, method: Method):
                   "rollout μ, so the trust region and IS weight are anchored to π_old (× verl's π_old/μ weights). The "
                   "paper anchors to μ (§5.2): set bypass_mode=True with trainer.use_v1=True.")
             weights = weights * rollout_is_weights.detach().to(weights.dtype)
-        loss, metrics = dppo.policy_loss(replace(m, aggregation="sum"), log_prob, old_log_prob,
-                                         advantages * weights, mask)
+        loss, metrics = dppo.policy_loss(m, log_prob, old_log_prob, advantages, mask, token_weights=weights)
         n = mask.sum().clamp(min=1)
         out: dict[str, Any] = {f"actor/dppo/{k}": v for k, v in metrics.items() if k != "loss"}
         out["actor/pg_clipfrac"] = metrics["masked_frac"]
