@@ -263,3 +263,65 @@ def test_sharded_checkpoint_and_final_model(runs, tmp_path, cache_dir):
     base = AutoModelForCausalLM.from_pretrained(t.model_path, local_files_only=True)
     moved = max(float((pa - pb).detach().abs().max()) for pa, pb in zip(a.parameters(), base.parameters()))
     assert moved > 1e-4  # the export holds the trained adapters merged, not the base model
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_sharded_checkpoint_tampered_or_corrupt(runs, tmp_path, cache_dir):
+    """DCP unpickles its index: here a tampered index is refused before it can run code, and a truncated shard makes
+    the one-process loader fall back to the checkpoint before it (set aside as ….corrupt), as for state.pt."""
+    import pickle
+    import shutil
+
+    from dppo.run.checkpoint import CheckpointLoadError, UnsafeCheckpointError, load_latest
+    from dppo.run.dist_checkpoint import load_dcp
+    from dppo.run.trainer import Trainer
+
+    _, two, tmp = runs
+    good = tmp / "runs" / "lora" / "checkpoints" / "step-00000003"
+    t = Trainer(dist_worker.config("lora", str(tmp_path / "fresh"), cache_dir), log=lambda m: None)
+
+    evil = tmp_path / "evil"
+    shutil.copytree(good, evil)
+    marker = tmp_path / "pwned"
+    (evil / "dcp" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+        load_dcp(str(evil), t.model, t.optimizer)
+    assert not marker.exists()
+
+    run = tmp_path / "run" / "checkpoints"
+    shutil.copytree(good, run / "step-00000002")
+    shutil.copytree(good, run / "step-00000003")
+    shard = run / "step-00000003" / "dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(CheckpointLoadError, match="unreadable"):
+        load_dcp(str(run / "step-00000003"), t.model, t.optimizer)
+    logged = []
+    state = load_latest(str(tmp_path / "run"), model=t.model, optimizer=t.optimizer, scheduler=t.scheduler,
+                        log=logged.append)
+    assert state["step"] == 3  # the directory of "step 2" is a copy of the step-3 checkpoint
+    assert (run / "step-00000003.corrupt").is_dir()
+    assert any("falling back to the checkpoint of step 2" in m for m in logged), logged
+    mine = dict(t.model.named_parameters())
+    for n, p in two["lora"]["steps"][-1]["params"].items():
+        assert torch.equal(mine[n].detach(), p), n
+
+
+@pytest.mark.parametrize("kw, needle", [(dict(prompts_per_step=5), "--prompts_per_step 5 does not split over 2"),
+                                        (dict(device="cuda:1"), "pass --device cuda"),
+                                        (dict(device="mps"), "cpu \\(gloo\\) or cuda")])
+def test_torchrun_configuration_errors(monkeypatch, tmp_path, kw, needle):
+    """Checked before any process group or model exists (each process raises the same ConfigError: status 2)."""
+    from dppo.run.config import ConfigError, make_config
+    from dppo.run.distributed import Distributed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=needle):
+        Distributed(make_config(out=str(tmp_path), **kw))

@@ -260,8 +260,8 @@ SECTIONS = ("model", "task", "rollout", "method", "optim", "lora", "eval", "log"
 
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
 RESUME_MAY_CHANGE = {"steps", "eval.every", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
-                     "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device", "dist_timeout",
-                     "optim.gradient_checkpointing"}
+                     "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device",
+                     "optim.gradient_checkpointing", "dist_timeout"}
 
 
 class ConfigError(ValueError):

@@ -89,7 +89,7 @@ class Local:
         return self.rank == 0
 
     def first(self, fn):
-        """``fn()``; with several processes rank 0 runs it first (e.g. a warm-up writing a cache) and the others after."""
+        """``fn()``; with several processes rank 0 runs it first (a warm-up filling a cache), the others after."""
         return fn()
 
     def shard(self, model, optim) -> None:
@@ -223,8 +223,8 @@ class Distributed(Local):
         from dppo.hf.model import DTYPES
 
         self._check_same_weights(model)
-        mp = MixedPrecisionPolicy(param_dtype=None if optim.fsdp_param_dtype == "fp32" else DTYPES[optim.fsdp_param_dtype],
-                                  reduce_dtype=DTYPES[optim.fsdp_reduce_dtype])
+        gathered = None if optim.fsdp_param_dtype == "fp32" else DTYPES[optim.fsdp_param_dtype]
+        mp = MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=DTYPES[optim.fsdp_reduce_dtype])
         names = set(getattr(base_model(model), "_no_split_modules", None) or ())
         layers = [m for m in model.modules() if type(m).__name__ in names]
         if not layers:
