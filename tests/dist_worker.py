@@ -32,8 +32,8 @@ SETTINGS = {
     "averaged": (dict(), 1, "average"),
     "naive_ddp": (dict(aggregation="token-mean", max_new_tokens=8, rollout_dtype="fp32"), 1, "local_mean"),
     "bf16_params": (dict(fsdp_param_dtype="bf16"), 2, None),
-    "learns": (dict(reward="my_rewards:starts_with_seven", steps=12, prompts_per_step=8, group_size=8, lr=1e-2,
-                    eval_every=0, eval_max_problems=4, ckpt_every=0), 12, None),
+    "learns": (dict(reward="my_rewards:starts_with_seven", steps=8, prompts_per_step=8, group_size=8, lr=1e-2,
+                    eval_every=0, eval_max_problems=4, ckpt_every=0), 8, None),
 }
 
 

@@ -3,8 +3,10 @@ process, a SIGTERM and a change of the number of processes, and learn.
 
 Tolerances ("fp32 reduction tolerance"): the sampled responses, rewards and every figure computed from them are
 *identical* (each prompt samples from its own seed; the engines see bit-identical weights in these 3-step runs). The
-loss, gradient norm and entropy agree to 1e-5 relative: they are fp32 sums of ~10²–10⁴ terms taken in another order
-(two partial sums instead of one), whose rounding error is bounded by n·ε ≈ 10²·6e-8; measured ≤ 1e-6. Parameters
+loss, gradient norm and entropy agree to 1e-5 relative or 1e-7 absolute: they are fp32 sums of ~10²–10⁴ terms taken
+in another order (two partial sums instead of one), whose rounding error is bounded by n·ε·Σ|term| ≈ 10²·6e-8·Σ|term|.
+The loss needs the absolute bound: its terms have both signs (advantages have zero mean per group) and nearly cancel,
+so its error scales with Σ|term| ≈ 0.1, not with the loss itself (measured: 3.7e-9 on a loss of 3e-4). Parameters
 agree to 1e-6 absolute (AdamW at lr 1e-3 turns a 1e-7 relative gradient difference into ~1e-10; measured ≤ 2e-7).
 The negative controls show what a wrong reduction gives: FSDP's default averaging halves the gradient norm, and
 each process's own mean averaged (plain data parallelism) moves the token-mean loss by tens of percent.
@@ -76,7 +78,7 @@ def _differences(a: dict, b: dict) -> list[str]:
         for k in ra:
             if k in EXACT and ra[k] != rb[k]:
                 out.append(f"step {i}: {k} {ra[k]} != {rb[k]}")
-            elif k in CLOSE and not math.isclose(ra[k], rb[k], rel_tol=1e-5, abs_tol=1e-9):
+            elif k in CLOSE and not math.isclose(ra[k], rb[k], rel_tol=1e-5, abs_tol=1e-7):
                 out.append(f"step {i}: {k} {ra[k]} vs {rb[k]}")
             elif k.startswith(("loss/", "mismatch/")) and not math.isclose(ra[k], rb[k], rel_tol=1e-3, abs_tol=1e-7):
                 out.append(f"step {i}: {k} {ra[k]} vs {rb[k]}")  # |π − μ| figures: bf16 rounding of the engine
@@ -135,10 +137,10 @@ def test_learns_under_torchrun(runs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# an fp32 engine: over 14 steps a bf16 engine would round a parameter that differs in its last fp32 bit to a
+# an fp32 engine: over 12 steps a bf16 engine would round a parameter that differs in its last fp32 bit to a
 # different bf16 value now and then, and a sample may flip (the 3-step comparisons above cover the bf16 default)
 ARGS = dict(hidden=32, layers=1, heads=2, warmup_steps=20, warmup_batch=32, task_digits=2, eval_per_level=10,
-            prompts_per_step=4, group_size=4, minibatches=2, steps=14, eval_every=5, eval_samples=1, ckpt_every=2,
+            prompts_per_step=4, group_size=4, minibatches=2, steps=12, eval_every=4, eval_samples=1, ckpt_every=2,
             threads=1, lr=1e-3, reward="my_rewards:contains_answer", rollout_dtype="fp32")
 
 
@@ -182,25 +184,25 @@ def _same(ref: list[dict], got: list[dict], steps) -> None:
             if k in EXACT or k.startswith("eval/") and not k.startswith("time/"):
                 assert rb[k] == va, (ra["step"], k)
             elif k in CLOSE:
-                assert rb[k] == pytest.approx(va, rel=1e-5, abs=1e-9), (ra["step"], k)
+                assert rb[k] == pytest.approx(va, rel=1e-5, abs=1e-7), (ra["step"], k)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_kill_sigterm_and_resume_across_process_counts(tmp_path, cache_dir, monkeypatch):
-    """One run, five starts: 1 process to step 4 → torchrun (2 processes) resumes that checkpoint, one process is
+    """One run, four starts: 1 process to step 2 → torchrun (2 processes) resumes that checkpoint, one process is
     SIGKILLed → the job ends non-zero within a bounded time, with a message → torchrun resumes the sharded
     checkpoint and is stopped by SIGTERM → every process writes the same step → one process resumes the sharded
     checkpoint and finishes. Every step's metrics equal the uninterrupted one-process run's."""
     monkeypatch.syspath_prepend(DATA)
     ref = _train_here(tmp_path / "ref", cache_dir)
     run = tmp_path / "run"
-    _train_here(run, cache_dir, steps=4)
-    assert latest_step(str(run)) == 4
+    _train_here(run, cache_dir, steps=2)
+    assert latest_step(str(run)) == 2
 
-    # 2 processes resume the one-process checkpoint; kill one of them once step 7 is written (checkpoint: step 6)
+    # 2 processes resume the one-process checkpoint; kill one of them once step 5 is written (checkpoint: step 4)
     p = subprocess.Popen(TORCHRUN + _cli(run, cache_dir), env=_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    _wait_lines(run / "metrics.jsonl", 8, p)
+    _wait_lines(run / "metrics.jsonl", 6, p)
     workers = _children(p.pid)
     assert len(workers) == 2, workers
     t0 = time.time()
@@ -210,7 +212,7 @@ def test_kill_sigterm_and_resume_across_process_counts(tmp_path, cache_dir, monk
     assert p.returncode != 0 and took < 60, (p.returncode, took)
     assert "lost contact with the others" in err and "run the same command again" in err, err[-3000:]
     killed_at = latest_step(str(run))
-    assert 6 <= killed_at <= 8
+    assert 4 <= killed_at <= 6
 
     # 2 processes resume the sharded checkpoint; SIGTERM to torchrun: all processes checkpoint the same step
     old = os.stat(run / "metrics.jsonl").st_ino  # the resumed run replaces the file (cut at its checkpoint)
@@ -221,18 +223,18 @@ def test_kill_sigterm_and_resume_across_process_counts(tmp_path, cache_dir, monk
     _, err = p.communicate(timeout=120)
     stopped = len(read_metrics(str(run / "metrics.jsonl"))) - 1
     assert p.returncode != 0
-    assert err.count(f"stopped by SIGTERM after step {stopped} of 14") == 2, err[-3000:]  # both processes
-    assert latest_step(str(run)) == stopped < 14
+    assert err.count(f"stopped by SIGTERM after step {stopped} of 12") == 2, err[-3000:]  # both processes
+    assert latest_step(str(run)) == stopped < 12
     meta = json.loads((run / "checkpoints" / f"step-{stopped:08d}" / "meta.json").read_text())
     assert meta["format"] == "dcp" and meta["world_size"] == 2
 
     # one process resumes the 2-process checkpoint and finishes
     _train_here(run, cache_dir)
     got = read_metrics(str(run / "metrics.jsonl"))
-    assert [r["step"] for r in got] == list(range(15)), "a metric line was lost or duplicated"
-    _same(ref, got, range(1, 15))
+    assert [r["step"] for r in got] == list(range(13)), "a metric line was lost or duplicated"
+    _same(ref, got, range(1, 13))
     starts = [json.loads(x) for x in (run / "machine.jsonl").read_text().splitlines()]
-    assert [(s["start_step"], s["world_size"]) for s in starts] == [(0, 1), (4, 2), (killed_at, 2), (stopped, 1)]
+    assert [(s["start_step"], s["world_size"]) for s in starts] == [(0, 1), (2, 2), (killed_at, 2), (stopped, 1)]
     assert [r["device"] for r in starts[1]["ranks"]] == ["cpu", "cpu"] and starts[1]["backend"] == "gloo"
     assert os.path.isfile(run / "final" / "config.json")
 
