@@ -25,6 +25,7 @@ bench:
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/rollout_precision.py
 	$(PY) benchmarks/train_memory.py
+	$(PY) benchmarks/distributed.py
 
 clean:
 	rm -rf .venv runs .pytest_cache .hypothesis
