@@ -28,9 +28,11 @@ SETTINGS = {
     "topk": (dict(method="dppo-topk-tv"), 3, None),
     "recompute": (dict(method="dppo-binary-tv-recompute", micro_batch_size=4), 3, None),
     "lora": (dict(lora_rank=4, gradient_checkpointing=True, lr=1e-2), 3, None),
-    # negative controls: FSDP's default averaging over processes, and each process's own mean averaged (plain DDP)
+    # negative controls: FSDP's default averaging over processes; each process's own mean, averaged (plain DDP); and
+    # each process's own mean, summed (DDP/FSDP on gloo, whose AVG returns the sum: pytorch#162338)
     "averaged": (dict(), 1, "average"),
     "naive_ddp": (dict(aggregation="token-mean", max_new_tokens=8, rollout_dtype="fp32"), 1, "local_mean"),
+    "summed": (dict(), 1, "local_sum"),
     "bf16_params": (dict(fsdp_param_dtype="bf16"), 2, None),
     "learns": (dict(reward="my_rewards:starts_with_seven", steps=8, prompts_per_step=8, group_size=8, lr=1e-2,
                     eval_every=0, eval_max_problems=4, ckpt_every=0), 8, None),
@@ -58,8 +60,9 @@ def run(name: str, out: str, cache: str, dist) -> dict:
     if DATA not in sys.path:
         sys.path.insert(0, DATA)
     real_loss = tr.policy_loss
-    if mutation == "local_mean":  # each process's loss over its own rows' tokens, then the average over processes
-        tr.policy_loss = lambda *a, denominator=None, **k: (lambda lm: (lm[0] / dist.world, lm[1]))(real_loss(*a, **k))
+    if mutation in ("local_mean", "local_sum"):  # each process's loss over its own rows, averaged or summed
+        scale = 1.0 / dist.world if mutation == "local_mean" else 1.0
+        tr.policy_loss = lambda *a, denominator=None, **k: (lambda lm: (lm[0] * scale, lm[1]))(real_loss(*a, **k))
     try:
         trainer = tr.Trainer(cfg, log=lambda m: None, dist=dist)
         if mutation == "average":

@@ -105,17 +105,22 @@ def test_two_processes_give_the_one_process_run(runs, name):
         assert any(len(set(s["tokens_per_rank"])) > 1 for s in b["steps"]), [s["tokens_per_rank"] for s in b["steps"]]
 
 
-@pytest.mark.parametrize("name, needle", [("averaged", "grad_norm"), ("naive_ddp", "loss/loss")])
-def test_a_wrong_reduction_is_caught(runs, name, needle):
-    """Negative controls run under torchrun: gradients averaged over the processes (FSDP's default) instead of summed
-    partial losses with the whole batch's denominator, and each process's own token mean averaged (plain DDP). Both
-    sample the same responses, and both fail the comparison the tests above pass."""
+@pytest.mark.parametrize("name, needle, ratio, rel", [("averaged", "grad_norm", 0.5, 1e-5),
+                                                      ("naive_ddp", "loss/loss", None, None),
+                                                      ("summed", "grad_norm", 2.0, 0.25)])
+def test_a_wrong_reduction_is_caught(runs, name, needle, ratio, rel):
+    """Negative controls run under torchrun, each against the one-process run: gradients averaged over the processes
+    (FSDP's default) instead of the sum of partial losses over the whole batch's denominator; each process's own mean,
+    averaged (plain DDP: wrong when the processes hold different numbers of tokens, as here under token-mean); and each
+    process's own mean, summed (what gloo's AVG does, pytorch#162338). They sample the same responses and all fail the
+    comparison the tests above pass. Averaging scales the gradient by exactly 1/2; summing per-process means by about 2
+    (exactly 2 only when the processes hold equally many rows of each mini-batch)."""
     one, two, _ = runs
     diffs = _differences(one[name], two[name])
     assert any(needle in d for d in diffs), diffs
-    if name == "averaged":
-        ratio = two[name]["steps"][0]["record"]["grad_norm"] / one[name]["steps"][0]["record"]["grad_norm"]
-        assert ratio == pytest.approx(0.5, rel=1e-5)
+    if ratio is not None:
+        got = two[name]["steps"][0]["record"]["grad_norm"] / one[name]["steps"][0]["record"]["grad_norm"]
+        assert got == pytest.approx(ratio, rel=rel)
 
 
 def test_bf16_gathered_weights_stay_close(runs):

@@ -70,7 +70,7 @@ class HFEngine(RolloutEngine):
             self.shared = False
         self.model.eval()
         self._body = self._head32 = None
-        if fp32_head and not self.shared:
+        if fp32_head and self.dtype != torch.float32:  # an fp32 engine (shared or its own copy) has one
             parts = decoder_and_head(self.model)
             if parts is None:
                 raise ValueError(f"fp32_head: {type(self.model).__name__} changes its logits after the lm head "
