@@ -22,16 +22,17 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 # name: (config overrides on TINY, steps, mutation)
 SETTINGS = {
     "default": (dict(), 3, None),
-    # token-mean: the loss divides by the mini-batch's tokens, which differ between the processes' rows; micro-batches
-    # of 2 rows leave one process with fewer pieces than the other (padding pieces)
-    "uneven": (dict(aggregation="token-mean", micro_batch_size=2, max_new_tokens=8, rollout_dtype="fp32"), 3, None),
+    # token-mean: the loss divides by the mini-batch's tokens, which differ between the processes' rows, and so do
+    # the processes' response widths (16-token cap); micro-batches of 2 rows leave one process with fewer pieces than
+    # the other (padding pieces)
+    "uneven": (dict(aggregation="token-mean", micro_batch_size=2, max_new_tokens=16, rollout_dtype="fp32"), 3, None),
     "topk": (dict(method="dppo-topk-tv"), 3, None),
     "recompute": (dict(method="dppo-binary-tv-recompute", micro_batch_size=4), 3, None),
     "lora": (dict(lora_rank=4, gradient_checkpointing=True, lr=1e-2), 3, None),
     # negative controls: FSDP's default averaging over processes; each process's own mean, averaged (plain DDP); and
     # each process's own mean, summed (DDP/FSDP on gloo, whose AVG returns the sum: pytorch#162338)
     "averaged": (dict(), 1, "average"),
-    "naive_ddp": (dict(aggregation="token-mean", max_new_tokens=8, rollout_dtype="fp32"), 1, "local_mean"),
+    "naive_ddp": (dict(aggregation="token-mean", max_new_tokens=16, rollout_dtype="fp32"), 1, "local_mean"),
     "summed": (dict(), 1, "local_sum"),
     "bf16_params": (dict(fsdp_param_dtype="bf16"), 2, None),
     "learns": (dict(reward="my_rewards:starts_with_seven", steps=8, prompts_per_step=8, group_size=8, lr=1e-2,

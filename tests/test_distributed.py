@@ -101,8 +101,10 @@ def test_two_processes_give_the_one_process_run(runs, name):
     assert len(a["steps"][0]["params"]) > 0
     if name == "lora":
         assert b["peft"] and all(".lora_" in n for n in a["steps"][0]["params"])  # only the adapters train
-    if name == "uneven":  # the processes hold different numbers of response tokens: the global denominator matters
-        assert any(len(set(s["tokens_per_rank"])) > 1 for s in b["steps"]), [s["tokens_per_rank"] for s in b["steps"]]
+    if name == "uneven":  # the processes hold different numbers of response tokens (the global denominator
+        # matters) and responses of different widths (the gathered masks are padded)
+        assert all(len(set(s["tokens_per_rank"])) > 1 for s in b["steps"]), [s["tokens_per_rank"] for s in b["steps"]]
+        assert any(len(set(s["width_per_rank"])) > 1 for s in b["steps"]), [s["width_per_rank"] for s in b["steps"]]
 
 
 @pytest.mark.parametrize("name, needle, ratio, rel", [("averaged", "grad_norm", 0.5, 1e-5),

@@ -162,9 +162,10 @@ def prune(run_dir: str, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _read(path: str, map_location) -> dict:
+def _read(path: str, map_location, mmap: bool = False) -> dict:
+    """``mmap``: tensors stay in the file's pages (shared by the processes of one machine that all read it)."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file; classified below
         if "GLOBAL" in str(e):  # the pickle names a callable that is not allowed: what an exploit needs
             raise UnsafeCheckpointError(

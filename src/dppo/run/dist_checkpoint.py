@@ -228,7 +228,7 @@ def load_latest_sharded(dist, run_dir: str, *, model, optimizer, scheduler, map_
         path = os.path.join(d, "state.pt")
         state, err = None, None
         try:
-            state = _read(path, "cpu")
+            state = _read(path, "cpu", mmap=True)  # a one-process state.pt: every process reads all of it
         except UnsafeCheckpointError as e:
             err = ("unsafe", str(e))
         except CheckpointLoadError as e:
