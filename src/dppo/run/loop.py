@@ -28,7 +28,6 @@ from dppo.run.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_
 from dppo.run.distributed import setup
 from dppo.run.validate import validate
 from dppo.run.evaluate import eval_summary
-from dppo.run.export import save_final
 from dppo.run.machine import record_machine
 from dppo.run.metrics_log import MetricsLog, read_metrics, summary_line
 from dppo.run.trainer import NonFiniteError, StepAbandoned, Trainer
@@ -137,7 +136,8 @@ def _train(cfg: TrainConfig, log, dist) -> list[dict]:
         initial_eval = dist.broadcast(dist.is_main and not any(r.get("step") == 0 for r in read_metrics(mlog.path)))
         written: list[dict] = []
         try:
-            written = _steps(cfg, trainer, mlog, start, stop, log, initial_eval=initial_eval, bar=dist.is_main)
+            written = _steps(cfg, trainer, mlog, start, stop, log, initial_eval=initial_eval,
+                             show_bar=dist.is_main)
         finally:
             mlog.close()
     if start < cfg.steps:
@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, log, dist) -> list[dict]:
 
 
 def _steps(cfg: TrainConfig, trainer: Trainer, mlog: MetricsLog, start: int, stop: _StopRequest, log, *,
-           initial_eval: bool, bar: bool = True) -> list[dict]:
+           initial_eval: bool, show_bar: bool = True) -> list[dict]:
     written: list[dict] = []
     if initial_eval:
         rec = {"step": 0, **trainer.evaluate(0)}
@@ -164,8 +164,8 @@ def _steps(cfg: TrainConfig, trainer: Trainer, mlog: MetricsLog, start: int, sto
         written.append(rec)
         log(f"step 0 (before RL): held-out accuracy {rec['eval/accuracy']:.3f}"
             + (f", greedy {rec['eval/greedy_accuracy']:.3f}" if "eval/greedy_accuracy" in rec else ""))
-    show, bar = bar, None
-    if cfg.log.progress and start < cfg.steps and show:
+    bar = None
+    if cfg.log.progress and start < cfg.steps and show_bar:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="dppo", unit="step", dynamic_ncols=True)
