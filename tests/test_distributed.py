@@ -9,7 +9,8 @@ The loss needs the absolute bound: its terms have both signs (advantages have ze
 so its error scales with Σ|term| ≈ 0.1, not with the loss itself (measured: 3.7e-9 on a loss of 3e-4). Parameters
 agree to 1e-5 absolute, 1 % of one AdamW step at lr 1e-3: AdamW divides each coordinate by its own running RMS, so a
 coordinate whose gradient nearly cancels turns a rounding difference into a visible fraction of a step (measured up to
-1.3e-6 over 8 seeds of the default setting, 0 for most coordinates; the wrong reductions below move them ≥ 1.7e-4).
+1.4e-6 here and 1.3e-6 over 8 more seeds of the default setting, 0 for most coordinates; the wrong reductions below
+move them by ≥ 1.7e-4).
 The negative controls show what a wrong reduction gives: FSDP's default averaging halves the gradient norm, and
 each process's own mean averaged (plain data parallelism) moves the token-mean loss by tens of percent.
 """
