@@ -29,6 +29,7 @@ bench:
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/rollout_precision.py
 	$(PY) benchmarks/train_memory.py
+	$(PY) benchmarks/distributed.py
 
 clean:
 	rm -rf .venv .venv-verl runs .pytest_cache .hypothesis

@@ -274,11 +274,20 @@ def test_every_preset_loss_and_grad_equal_policy_loss(fixed, name):
     logged = t._metrics["train"]
     assert logged["dppo/masked_frac"][-1] == pytest.approx(metrics["masked_frac"])
     assert logged["dppo/abs_diff_mean"][-1] == pytest.approx(metrics["abs_diff_mean"], rel=1e-6)
-    # where some token's estimate crosses the preset's threshold, the mask must act (IPO's eps 0.3 can exceed the
-    # perturbation: then there is nothing to mask)
-    if m.estimator != "none" and math.isfinite(m.delta_low) and math.isfinite(m.delta_high) \
-            and metrics["div_max"] > max(m.delta_low, m.delta_high):
-        assert metrics["masked_frac"] > 0, "the perturbed batch should make the trust region act"
+    # the mask acts exactly where a plain recomputation of Eq. 12's condition (Binary-TV) or PPO's (ratio) says so
+    if m.estimator in ("binary_tv", "ratio") and m.mask_sides == "away" and not (m.relax_low_below or
+                                                                                m.relax_high_below):
+        mask = batch["completion_mask"].bool()
+        lp, lmu = _naive(t.model, batch, t.temperature)[0].detach(), batch["sampling_per_token_logps"].double()
+        anchor = old.double() if m.needs_old_logp else lmu
+        d = (lp.exp() - anchor.exp()).abs() if m.estimator == "binary_tv" else (lp - anchor).exp() - 1
+        adv = batch["advantages"].double()[:, None].expand_as(lp)
+        hi = d > m.delta_high if m.estimator == "binary_tv" else d > m.delta_high
+        lo = d > m.delta_low if m.estimator == "binary_tv" else d < -m.delta_low
+        blocked = ((adv > 0) & (lp > anchor) & hi) | ((adv < 0) & (lp < anchor) & lo)
+        assert metrics["masked_frac"] == pytest.approx(float((blocked & mask).sum() / mask.sum()), abs=1e-9)
+        if name in ("dppo-binary-tv", "grpo-clip-higher"):  # not vacuous: on this batch both masks act
+            assert metrics["masked_frac"] > 0
 
 
 @pytest.mark.parametrize("aggregation", ["seq-mean-token-sum-norm", "token-mean", "seq-mean-token-mean", "sum"])

@@ -248,3 +248,41 @@ def test_logit_transform_falls_back_to_the_logits_path(tiny, field, value):
     assert calls, "the full causal-LM forward (logits path) was not used"
     m = ro.response_mask
     torch.testing.assert_close(st.logp[m], ro.rollout_logp[m], rtol=0, atol=1e-5)  # Qwen3 ignores the field: same π
+
+
+def test_sample_tokens_follows_mu_and_skips_truncated_tokens():
+    """Inverse-CDF sampling: with u on a fine grid the token frequencies are μ up to the grid step, and a token
+    with μ = 0 (cut by top-k) is never drawn, even for u next to 1."""
+    from dppo.rollout import sample_tokens
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0]])
+    logmu = sampling_logprobs(logits, 1.0, top_k=3)
+    n = 100_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    a = sample_tokens(logmu.expand(n, -1), u)
+    freq = torch.bincount(a, minlength=5).double() / n
+    torch.testing.assert_close(freq, logmu[0].double().exp(), rtol=0, atol=2.0 / n)
+    edge = sample_tokens(logmu.expand(3, -1), torch.tensor([0.0, 1 - 2**-53, 0.999999999]))
+    assert torch.isfinite(logmu[0, edge]).all()
+
+
+def test_per_prompt_seeds_give_the_same_samples_in_any_batch(tiny):
+    """A prompt's responses depend on its seed alone: the same as in a batch of other prompts, alone, or in another
+    order (what makes a torchrun job's samples independent of the number of processes)."""
+    from dppo.rollout import prompt_seeds
+
+    tok, model, ids, mask = tiny
+    eng = HFEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dtype="bf16")
+    sp = SamplingParams(6, record_topk=3, logit_noise=0.1)
+    seeds = prompt_seeds(7, 3)
+    whole = eng.generate(ids, mask, sp, num_samples=4, seeds=seeds)
+    for part in ([2], [1, 0]):
+        ro = eng.generate(ids[part], mask[part], sp, num_samples=4, seeds=[seeds[i] for i in part])
+        rows = torch.cat([torch.arange(4) + 4 * i for i in part])
+        t = ro.response_ids.shape[1]
+        assert torch.equal(ro.response_ids, whole.response_ids[rows, :t])
+        assert torch.equal(ro.rollout_logp, whole.rollout_logp[rows, :t])
+    other = eng.generate(ids, mask, sp, num_samples=4, seeds=prompt_seeds(8, 3))
+    assert not torch.equal(other.response_ids, whole.response_ids)  # the seed matters
+    with pytest.raises(ValueError, match="one per prompt"):
+        eng.generate(ids, mask, sp, num_samples=4, seeds=seeds[:2])

@@ -137,6 +137,16 @@ class MetricPool:
                 self.wsum[key] = self.wsum.get(key, 0.0) + v * w
                 self.wden[key] = self.wden.get(key, 0.0) + w
 
+    def merge(self, other: "MetricPool") -> None:
+        """Pool another process's calls of the same step into this one (dppo.run.distributed): weighted sums and
+        update sums add, extremes compare; the result is the pool of all the calls, up to float summation order."""
+        for mine, theirs in ((self.wsum, other.wsum), (self.wden, other.wden), (self.sums, other.sums)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
+        for k, v in other.ext.items():
+            pick = max if LOSS_METRICS[k].pool == "max" else min
+            self.ext[k] = pick(self.ext[k], v) if k in self.ext else v
+
     def result(self, *, n_updates: int) -> dict[str, float]:
         out = {k: self.wsum[k] / self.wden[k] if self.wden[k] > 0 else 0.0 for k in self.wsum}
         out.update(self.ext)

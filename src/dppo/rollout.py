@@ -24,12 +24,15 @@ trl#4159 / open-instruct#1678 at τ ≠ 1.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "sampling_logprobs", "encode_prompts"]
+__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "sampling_logprobs", "encode_prompts", "prompt_seeds",
+           "sample_tokens"]
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,31 @@ class RolloutEngine:
         raise NotImplementedError
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, *, num_samples: int = 1,
-                 generator: torch.Generator | None = None) -> Rollout:
-        """Sample ``num_samples`` responses for each of the B prompts ([B, P] left-padded) → Rollout of N = B·G."""
+                 generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> Rollout:
+        """Sample ``num_samples`` responses for each of the B prompts ([B, P] left-padded) → Rollout of N = B·G.
+
+        ``seeds``: one per prompt (:func:`prompt_seeds`); prompt b's responses are then a function of ``seeds[b]`` and
+        its own logits alone, whatever other prompts share the call (a different batch, chunk or process gives the
+        same samples). Without them, ``generator`` (or torch's global RNG) drives the whole batch."""
         raise NotImplementedError
+
+
+def prompt_seeds(base: int, n: int) -> list[int]:
+    """``n`` per-prompt seeds (63-bit) from one base seed; prompt i's depends on (base, i) alone (*ours*)."""
+    return [int.from_bytes(hashlib.sha256(f"{base}/prompt/{i}".encode()).digest()[:8], "little") >> 1
+            for i in range(n)]
+
+
+def sample_tokens(logmu: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling: row n's token is the first a with Σ_{b≤a} μ(b) > u_n · Σ_b μ(b), so it depends on that
+    row's μ and uniform u_n alone (no shared random stream across rows; :meth:`RolloutEngine.generate`'s seeds).
+    Cumulative sums in fp64; a token with μ = 0 (truncated away) is never picked.
+
+    Args: logmu [N, V] log μ (−inf allowed); u [N] uniforms in [0, 1). Returns [N] int64."""
+    cdf = logmu.double().exp().cumsum(-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(u.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def sampling_logprobs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, *,

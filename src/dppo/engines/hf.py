@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from torch import Tensor
 from dppo.hf.heads import lm_head
 from dppo.hf.lora import base_model
 from dppo.hf.model import DTYPES, decoder_and_head, position_ids_from_mask
-from dppo.rollout import Rollout, RolloutEngine, SamplingParams, sampling_logprobs
+from dppo.rollout import Rollout, RolloutEngine, SamplingParams, sample_tokens, sampling_logprobs
 
 __all__ = ["HFEngine"]
 
@@ -53,13 +54,15 @@ class HFEngine(RolloutEngine):
             "FP32 LM head" of ScaleRL / MiniMax-M1 (trl#4303, open-instruct#1387) against the mismatch. The trainer's
             own head is already fp32 (fp32 master weights; the head GEMM is outside autocast, ``dppo.hf.model``), so
             this gives both sides an fp32 head. No effect when the engine shares the fp32 policy.
+        own_copy: keep an own copy even when ``dtype`` is the policy's: a policy that will be sharded across
+            processes (``dppo.run.distributed``) cannot be sampled with, and ``sync`` then gathers its full weights.
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32",
-                 fp32_head: bool = False):
+                 fp32_head: bool = False, own_copy: bool = False):
         policy_dtype = next(model.parameters()).dtype
         self.dtype = DTYPES[dtype]
-        if self.dtype == policy_dtype:
+        if self.dtype == policy_dtype and not own_copy:
             self.model = model
             self.shared = True
         else:
@@ -67,7 +70,7 @@ class HFEngine(RolloutEngine):
             self.shared = False
         self.model.eval()
         self._body = self._head32 = None
-        if fp32_head and not self.shared:
+        if fp32_head and self.dtype != torch.float32:  # an fp32 engine (shared or its own copy) has one
             parts = decoder_and_head(self.model)
             if parts is None:
                 raise ValueError(f"fp32_head: {type(self.model).__name__} changes its logits after the lm head "
@@ -84,7 +87,8 @@ class HFEngine(RolloutEngine):
 
     def sync(self, policy: torch.nn.Module) -> None:
         """Copy the policy's weights into the engine's copy, cast to the engine dtype. A LoRA policy (peft) pushes its
-        merged weights W + (α/r)·B·A (the engine was built from the model before the adapters were added)."""
+        merged weights W + (α/r)·B·A (the engine was built from the model before the adapters were added). A sharded
+        policy (FSDP2 DTensors) is gathered one tensor at a time: every process must call this together."""
         if self.shared:
             return
         with torch.no_grad():
@@ -94,11 +98,11 @@ class HFEngine(RolloutEngine):
                 load_merged(policy, self.model)
             else:
                 for dst, src in zip(self.model.parameters(), policy.parameters()):
-                    dst.copy_(src)  # cast to the engine dtype
+                    dst.copy_(full_tensor(src))  # cast to the engine dtype
             if self._head32 is not None:  # from the policy's (fp32) head itself, not from the rounded engine copy
                 for dst, src in zip(self._head32, lm_head(base_model(policy))):
                     if dst is not None:
-                        dst.copy_(src)
+                        dst.copy_(full_tensor(src))
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
         kw = {self._cache_kw: cache, "use_cache": True}
@@ -112,11 +116,12 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, *, num_samples: int = 1,
-                 generator: torch.Generator | None = None) -> Rollout:
+                 generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> Rollout:
         dev = prompt_ids.device
         ids = prompt_ids.repeat_interleave(num_samples, dim=0)
         pmask = prompt_mask.bool().repeat_interleave(num_samples, dim=0)
         n = ids.shape[0]
+        draws = _Draws(n, num_samples, params, dev, generator, seeds)
         eos = self.eos.to(dev)
         cache = _new_cache(self.model)
         pos = position_ids_from_mask(pmask)
@@ -125,13 +130,14 @@ class HFEngine(RolloutEngine):
         attn = pmask
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         toks, lps, masks, tk_ids, tk_lps, full = [], [], [], [], [], []
-        for _ in range(params.max_new_tokens):
-            logmu = sampling_logprobs(logits, params.temperature, params.top_k, params.top_p,
-                                      logit_noise=params.logit_noise, generator=generator)  # [N, V] fp32
+        for t in range(params.max_new_tokens):
+            if params.logit_noise > 0:
+                logits = logits.float() + params.logit_noise * draws.noise(logits.shape[-1])
+            logmu = sampling_logprobs(logits, params.temperature, params.top_k, params.top_p)  # [N, V] fp32
             if params.temperature == 0:
                 a = logmu.argmax(-1)
             else:
-                a = torch.multinomial(logmu.exp(), 1, generator=generator).squeeze(-1)
+                a = sample_tokens(logmu, draws.uniforms[:, t])
             live = ~done
             a = torch.where(live, a, torch.full_like(a, self.pad))
             toks.append(a)
@@ -160,3 +166,37 @@ class HFEngine(RolloutEngine):
             finished=done,
             rollout_full_logp=torch.stack(full, 1) if full else None,
         )
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a parameter sharded across processes (an FSDP2 DTensor; a collective), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class _Draws:
+    """The random numbers of one ``generate`` call: a uniform per response and token (inverse-CDF sampling) and the
+    ``logit_noise`` ε. With per-prompt ``seeds``, prompt b's G responses draw from their own generator (seeded with
+    ``seeds[b]``, on the CPU so that every device gives the same numbers): the same prompt and seed give the same
+    samples in any batch, chunk or process. Otherwise ``generator`` (or the global RNG) serves the whole batch."""
+
+    def __init__(self, n: int, g: int, params: SamplingParams, device, generator, seeds):
+        self.device, self.generator = device, generator
+        t = max(params.max_new_tokens, 1)
+        if seeds is None:
+            self.gens = None
+            gdev = generator.device if generator is not None else device
+            self.uniforms = torch.rand(n, t, generator=generator, dtype=torch.float64, device=gdev).to(device)
+            return
+        if len(seeds) * g != n:
+            raise ValueError(f"seeds: expected one per prompt ({n // g}), got {len(seeds)}")
+        self.g = g
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.uniforms = torch.cat([torch.rand(g, t, generator=gen, dtype=torch.float64) for gen in self.gens])
+        self.uniforms = self.uniforms.to(device)
+
+    def noise(self, v: int) -> Tensor:
+        """[N, V] standard normal ε for this token position."""
+        if self.gens is None:
+            gdev = self.generator.device if self.generator is not None else self.device
+            return torch.randn(self.uniforms.shape[0], v, generator=self.generator, device=gdev).to(self.device)
+        return torch.cat([torch.randn(self.g, v, generator=gen) for gen in self.gens]).to(self.device)

@@ -123,7 +123,7 @@ def load_merged(model: nn.Module, target: nn.Module) -> None:
     for name, w in merged_named_parameters(model):
         if name not in dst:
             raise KeyError(f"{name} of the policy has no counterpart in {type(target).__name__}")
-        dst[name].copy_(w)
+        dst[name].copy_(w.full_tensor() if hasattr(w, "full_tensor") else w)  # a sharded (FSDP2) policy: gathered
         written.add(name)
     missing = set(dst) - written
     if missing:

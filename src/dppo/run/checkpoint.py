@@ -29,7 +29,8 @@ import time
 import torch
 
 __all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "latest_step", "CheckpointWriteError",
-           "CheckpointLoadError", "UnsafeCheckpointError"]
+           "CheckpointLoadError", "UnsafeCheckpointError", "rng_state", "restore_rng", "write_state", "commit",
+           "write_error", "prune"]
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -86,11 +87,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
 def save_checkpoint(run_dir: str, *, step: int, model, optimizer, scheduler, data_position: int,
                     extra: dict | None = None, keep: int = 2) -> str:
     """Write the checkpoint of ``step`` atomically and keep the newest ``keep``; returns its directory."""
-    root = _root(run_dir)
-    final = os.path.join(root, f"step-{step:08d}")
+    final = os.path.join(_root(run_dir), f"step-{step:08d}")
     tmp = f"{final}.tmp-{os.getpid()}"
     state = {
         "step": int(step),
@@ -98,48 +103,69 @@ def save_checkpoint(run_dir: str, *, step: int, model, optimizer, scheduler, dat
         "model": _trained_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": {
-            "python": random.getstate(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
+        "rng": rng_state(),
         "extra": dict(extra or {}),
     }
     try:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "state.pt"), "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if os.path.isdir(final):  # the same step saved again (a resumed run re-reaching it): replace it
-            old = f"{final}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        _fresh_dir(tmp)
+        write_state(tmp, state)
+        commit(tmp, final)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        prev = list_checkpoints(run_dir)
-        kept = f"the previous checkpoint ({prev[-1][1]}) is intact" if prev else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {tmp}: "
-                                   f"{e.strerror or e} ({type(e).__name__}); {kept}") from e
-    for _, d in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
+        raise write_error(run_dir, step, tmp, e) from e
+    prune(run_dir, keep)
     return final
 
 
-def _read(path: str, map_location) -> dict:
+def _fresh_dir(tmp: str) -> None:
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def write_state(tmp: str, state: dict, meta: dict | None = None) -> None:
+    """``state.pt`` and ``meta.json`` into the directory ``tmp``, fsynced (files and directory)."""
+    with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"step": int(state["step"]), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def commit(tmp: str, final: str) -> None:
+    """Rename the complete directory ``tmp`` to ``final`` (replacing a checkpoint of the same step)."""
+    if os.path.isdir(final):  # the same step saved again (a resumed run re-reaching it): replace it
+        old = f"{final}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+
+
+def write_error(run_dir: str, step: int, tmp: str, e: Exception) -> CheckpointWriteError:
+    """The error of a failed write (``tmp`` removed), naming the path, the cause and what is still there."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    prev = list_checkpoints(run_dir)
+    kept = f"the previous checkpoint ({prev[-1][1]}) is intact" if prev else "no earlier checkpoint exists"
+    cause = getattr(e, "strerror", None) or e
+    return CheckpointWriteError(f"could not write the checkpoint of step {step} to {tmp}: {cause} "
+                                f"({type(e).__name__}); {kept}")
+
+
+def prune(run_dir: str, keep: int) -> None:
+    for _, d in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _read(path: str, map_location, mmap: bool = False) -> dict:
+    """``mmap``: tensors stay in the file's pages (shared by the processes of one machine that all read it)."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file; classified below
         if "GLOBAL" in str(e):  # the pickle names a callable that is not allowed: what an exploit needs
             raise UnsafeCheckpointError(
@@ -147,20 +173,27 @@ def _read(path: str, map_location) -> dict:
                 "code when unpickled (tampered with, or not written by dppo). Nothing was loaded and the run "
                 "directory is unchanged; remove the file if you do not trust it") from None
         raise CheckpointLoadError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    if not isinstance(state, dict) or not {"step", "model", "optimizer", "scheduler", "rng"} <= set(state):
+    # a checkpoint written under torchrun keeps model and optimizer in dcp/ (dppo.run.dist_checkpoint)
+    need = {"step", "scheduler", "rng"} | (set() if isinstance(state, dict) and state.get("sharded")
+                                           else {"model", "optimizer"})
+    if not isinstance(state, dict) or not need <= set(state):
         raise CheckpointLoadError(f"{path} is not a dppo checkpoint (missing keys)")
     return state
 
 
 def _restore(state: dict, path: str, *, model, optimizer, scheduler) -> None:
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    missing = set(missing) - _frozen_keys(model)
-    if missing or unexpected:
-        raise RuntimeError(f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected "
-                           f"{sorted(unexpected)[:5]} (a checkpoint of another model or LoRA setting?)")
-    optimizer.load_state_dict(state["optimizer"])
+    if not state.get("sharded"):
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        missing = set(missing) - _frozen_keys(model)
+        if missing or unexpected:
+            raise RuntimeError(f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected "
+                               f"{sorted(unexpected)[:5]} (a checkpoint of another model or LoRA setting?)")
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
+    restore_rng(state["rng"])
+
+
+def restore_rng(rng: dict) -> None:
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") and torch.cuda.is_available():
@@ -179,6 +212,10 @@ def load_latest(run_dir: str, *, model, optimizer, scheduler, map_location="cpu"
         path = os.path.join(d, "state.pt")
         try:
             state = _read(path, map_location)
+            if state.get("sharded"):  # written under torchrun: model and optimizer from its dcp/ files, any layout
+                from dppo.run.dist_checkpoint import load_dcp
+
+                load_dcp(d, model, optimizer)
         except UnsafeCheckpointError:
             raise
         except CheckpointLoadError as e:

@@ -173,6 +173,12 @@ class OptimConfig:
     gradient_checkpointing: Annotated[bool, _a("gradient_checkpointing")] = False
     """recompute each decoder layer's activations in the backward instead of keeping them (non-reentrant): less
     activation memory for one more forward of every layer; same loss and gradients"""
+    fsdp_param_dtype: Annotated[Literal["fp32", "bf16"], _a("fsdp_param_dtype")] = "fp32"
+    """under torchrun: the dtype FSDP2 gathers the sharded fp32 master weights to for the training forward/backward
+    (bf16 halves the gathered weights and the activations; the optimizer keeps fp32). Ignored by one process"""
+    fsdp_reduce_dtype: Annotated[Literal["fp32", "bf16"], _a("fsdp_reduce_dtype")] = "fp32"
+    """under torchrun: the dtype gradients are summed across processes in (bf16 halves the traffic and rounds each
+    gradient to 8 significant bits before the sum). Ignored by one process"""
 
 
 @dataclass
@@ -244,6 +250,10 @@ class TrainConfig:
     threads: int = 0
     """torch CPU threads (0 = auto: 1 for the built-in tiny model, whose matrices are too small to gain from more
     and which slows down badly on a busy machine; torch's default otherwise)"""
+    dist_timeout: float = 600.0
+    """under torchrun: seconds a process waits in a collective (a gradient sum, a weight gather) for the others
+    before it gives up and the job stops with a message; bounds the hang when a process dies (*ours*; torch's
+    default is 1800). Must exceed the longest stretch one process works alone (a warm-up, a slow rollout)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -259,7 +269,7 @@ SECTIONS = ("model", "task", "rollout", "method", "optim", "lora", "eval", "log"
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
 RESUME_MAY_CHANGE = {"steps", "eval.every", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
                      "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device",
-                     "optim.gradient_checkpointing"}
+                     "optim.gradient_checkpointing", "dist_timeout"}
 
 
 class ConfigError(ValueError):

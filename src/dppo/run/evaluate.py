@@ -1,14 +1,14 @@
 """Held-out evaluation: Avg@k accuracy at a temperature (and top-p), per difficulty level, plus greedy accuracy.
 
 The paper evaluates Avg@32 at temperature 0.7 and top-p 0.95 (§7): ``--eval_samples 32 --eval_temperature 0.7
---eval_top_p 0.95``. Deterministic in the seed.
+--eval_top_p 0.95``. Deterministic in the seed, whatever the batch size or the number of processes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dppo.rollout import Rollout, RolloutEngine, SamplingParams, encode_prompts
+from dppo.rollout import Rollout, RolloutEngine, SamplingParams, encode_prompts, prompt_seeds
 from dppo.tasks import Task
 
 __all__ = ["evaluate", "decode_responses", "eval_summary"]
@@ -20,34 +20,42 @@ def decode_responses(tok, ro: Rollout) -> list[str]:
 
 @torch.no_grad()
 def evaluate(engine: RolloutEngine, tok, task: Task, *, max_new_tokens: int, temperature: float, samples: int,
-             generator: torch.Generator, top_p: float = 1.0, device: str = "cpu", chat_template: bool = True,
-             max_problems: int = 0, greedy: bool = True, batch_size: int = 256) -> dict[str, float]:
+             seed: int, top_p: float = 1.0, device: str = "cpu", chat_template: bool = True,
+             max_problems: int = 0, greedy: bool = True, batch_size: int = 256, dist=None) -> dict[str, float]:
     """``eval/accuracy``: mean correctness over ``samples`` samples per problem (Avg@k) at ``temperature`` and
     ``top_p``, overall and per difficulty level (``eval/accuracy_level<N>``); ``eval/greedy_accuracy``; the mean
-    response length."""
+    response length. Problem i's samples come from its own seed (:func:`dppo.rollout.prompt_seeds` of ``seed``), so
+    the figures do not depend on ``batch_size``; with ``dist`` (:mod:`dppo.run.distributed`) each process samples
+    every W-th problem and the results are gathered in problem order: the same figures as one process."""
     exs = task.eval_examples()
     if max_problems:
         exs = exs[:max_problems]
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    mine = list(range(rank, len(exs), world))
+    seeds = prompt_seeds(seed, len(exs))
     runs = [("accuracy", SamplingParams(max_new_tokens, temperature=temperature, top_p=top_p), samples)]
     if greedy and temperature != 0:
         runs.append(("greedy_accuracy", SamplingParams(max_new_tokens, temperature=0.0), 1))
     out: dict[str, float] = {}
     for key, sp, k in runs:
-        correct: list[float] = []
-        levels: list[int] = []
-        lengths: list[float] = []
+        per_problem = []  # (index, [correct] × k, [length] × k)
         per = max(1, batch_size // k)
-        for i in range(0, len(exs), per):
-            chunk = exs[i: i + per]
-            ids, mask = encode_prompts(tok, [e.prompt for e in chunk], chat_template and task.use_chat_template,
+        for i in range(0, len(mine), per):
+            chunk = mine[i: i + per]
+            ids, mask = encode_prompts(tok, [exs[j].prompt for j in chunk], chat_template and task.use_chat_template,
                                        device)
-            ro = engine.generate(ids, mask, sp, num_samples=k, generator=generator)
+            ro = engine.generate(ids, mask, sp, num_samples=k, seeds=[seeds[j] for j in chunk])
             texts = decode_responses(tok, ro)
-            lengths += ro.response_mask.sum(1).tolist()
-            for j, text in enumerate(texts):
-                ex = chunk[j // k]
-                correct.append(float(task.correct(ex, text)))
-                levels.append(ex.level)
+            lengths = ro.response_mask.sum(1).tolist()
+            for c, j in enumerate(chunk):
+                rows = range(c * k, (c + 1) * k)
+                per_problem.append((j, [float(task.correct(exs[j], texts[r])) for r in rows],
+                                    [lengths[r] for r in rows]))
+        if dist is not None:
+            per_problem = sorted(x for part in dist.gather_objects(per_problem) for x in part)
+        correct = [c for _, cs, _ in per_problem for c in cs]
+        levels = [exs[j].level for j, cs, _ in per_problem for _ in cs]
+        lengths = [n for _, _, ns in per_problem for n in ns]
         out[f"eval/{key}"] = sum(correct) / len(correct)
         if key == "accuracy":
             out["eval/response_len"] = sum(lengths) / len(lengths)

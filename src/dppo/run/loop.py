@@ -9,6 +9,9 @@
 * **Failures.** A NaN/inf loss or gradient stops the run and keeps the last good checkpoint; a checkpoint write that
   fails stops the run naming the path and the cause (the previous checkpoint stays usable); a reward function that
   fails stops it naming the prompt and response (or scores it 0 with ``--on_bad_reward zero``).
+* **Several processes** (``torchrun``, :mod:`dppo.run.distributed`): every process runs this loop; rank 0 alone
+  writes the configuration, metrics and final model, the checkpoints are sharded, and a stop request is agreed by
+  all processes at each poll. A process that dies ends the others at their next collective (ProcessLost).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import os
 import signal
 import sys
 
-from dppo.run.checkpoint import latest_step, load_latest
+from dppo.run.checkpoint import latest_step
 from dppo.run.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, save_config
+from dppo.run.distributed import setup
 from dppo.run.validate import validate
 from dppo.run.evaluate import eval_summary
-from dppo.run.export import save_final
 from dppo.run.machine import record_machine
 from dppo.run.metrics_log import MetricsLog, read_metrics, summary_line
 from dppo.run.trainer import NonFiniteError, StepAbandoned, Trainer
@@ -86,42 +89,63 @@ def _jsonable(v):
     return v
 
 
+class _NoLog:
+    """Metrics of the processes other than rank 0: computed (they take part in the collectives), not written."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: TrainConfig, log=None) -> list[dict]:
-    """Run (or resume) the training job of ``cfg``; returns the metric records written by this invocation."""
+    """Run (or resume) the training job of ``cfg``; returns the metric records written by this invocation. Under
+    torchrun every process calls it (:mod:`dppo.run.distributed`)."""
     if log is None:
         def log(msg):
             print(msg, file=sys.stderr, flush=True)
     validate(cfg)
+    with setup(cfg) as dist:  # [dist] torchrun's environment: a process group; otherwise one process
+        return _train(cfg, log if dist.is_main else (lambda msg: None), dist)
+
+
+def _train(cfg: TrainConfig, log, dist) -> list[dict]:
     resuming = latest_step(cfg.out) is not None
     if resuming:
         _check_resume(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    with _StopRequest() as stop:
-        trainer = Trainer(cfg, log=log, should_stop=stop)
+    with _StopRequest() as signals:
+        stop = dist.agreed(signals)  # [dist] any process's SIGTERM stops all of them at the same step
+        trainer = Trainer(cfg, log=log, should_stop=stop, dist=dist)
         start = 0
         if resuming:  # before anything is written: a checkpoint that cannot be loaded leaves the directory as it was
-            state = load_latest(cfg.out, model=trainer.model, optimizer=trainer.optimizer,
-                                scheduler=trainer.scheduler, map_location=cfg.device, log=log)
+            state = dist.load(cfg.out, model=trainer.model, optimizer=trainer.optimizer,
+                              scheduler=trainer.scheduler, map_location=cfg.device, log=log)
             start = int(state["step"])
             log(f"resuming {cfg.out} from step {start}")
-        save_config(cfg, os.path.join(cfg.out, "config.json"))
-        with open(os.path.join(cfg.out, "method.json"), "w") as f:
-            json.dump({k: _jsonable(v) for k, v in dataclasses.asdict(trainer.method).items()}, f, indent=2)
-        record_machine(cfg.out, start, log)
-        mlog = MetricsLog(cfg.out, resume_step=start if resuming else None, tensorboard=cfg.log.tensorboard,
-                          report_to=cfg.log.report_to, config=config_dict(cfg), log=log)
+        machine = dist.describe()  # [dist] world size and every process's device
+        mlog = _NoLog()
+        if dist.is_main:
+            save_config(cfg, os.path.join(cfg.out, "config.json"))
+            with open(os.path.join(cfg.out, "method.json"), "w") as f:
+                json.dump({k: _jsonable(v) for k, v in dataclasses.asdict(trainer.method).items()}, f, indent=2)
+            record_machine(cfg.out, start, log, **machine)
+            mlog = MetricsLog(cfg.out, resume_step=start if resuming else None, tensorboard=cfg.log.tensorboard,
+                              report_to=cfg.log.report_to, config=config_dict(cfg), log=log)
+        initial_eval = dist.broadcast(dist.is_main and not any(r.get("step") == 0 for r in read_metrics(mlog.path)))
         written: list[dict] = []
         try:
-            written = _steps(cfg, trainer, mlog, start, stop, log, initial_eval=not any(
-                r.get("step") == 0 for r in read_metrics(mlog.path)))
+            written = _steps(cfg, trainer, mlog, start, stop, log, initial_eval=initial_eval,
+                             show_bar=dist.is_main)
         finally:
             mlog.close()
     if start < cfg.steps:
-        save_final(trainer.model, trainer.tok, os.path.join(cfg.out, "final"), base_model_path=trainer.model_path)
+        dist.save_final(trainer, os.path.join(cfg.out, "final"))  # [dist] gathered, written by rank 0
         summary = eval_summary(read_metrics(os.path.join(cfg.out, "metrics.jsonl")))
         if summary:
             log(summary)
-    if cfg.log.plot:
+    if cfg.log.plot and dist.is_main:
         try:
             from dppo.report.plot import plot_run
 
@@ -132,7 +156,7 @@ def train(cfg: TrainConfig, log=None) -> list[dict]:
 
 
 def _steps(cfg: TrainConfig, trainer: Trainer, mlog: MetricsLog, start: int, stop: _StopRequest, log, *,
-           initial_eval: bool) -> list[dict]:
+           initial_eval: bool, show_bar: bool = True) -> list[dict]:
     written: list[dict] = []
     if initial_eval:
         rec = {"step": 0, **trainer.evaluate(0)}
@@ -141,7 +165,7 @@ def _steps(cfg: TrainConfig, trainer: Trainer, mlog: MetricsLog, start: int, sto
         log(f"step 0 (before RL): held-out accuracy {rec['eval/accuracy']:.3f}"
             + (f", greedy {rec['eval/greedy_accuracy']:.3f}" if "eval/greedy_accuracy" in rec else ""))
     bar = None
-    if cfg.log.progress and start < cfg.steps:
+    if cfg.log.progress and start < cfg.steps and show_bar:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="dppo", unit="step", dynamic_ncols=True)

@@ -34,10 +34,10 @@ from dppo.hf.model import (can_share_prompts, decoder_and_head, enable_gradient_
                            load_model, response_hidden_states, response_stats, training_mode)
 from dppo.loss import aggregation_denominator, policy_loss
 from dppo.metrics import MetricPool
-from dppo.rollout import Rollout, SamplingParams, encode_prompts
+from dppo.rollout import Rollout, SamplingParams, encode_prompts, prompt_seeds
 from dppo.run.batch import Batch
-from dppo.run.checkpoint import save_checkpoint
 from dppo.run.config import ConfigError, TrainConfig
+from dppo.run.distributed import Local
 from dppo.run.validate import resolve_method, validate
 from dppo.run.evaluate import decode_responses, evaluate
 from dppo.tasks import make_task
@@ -61,11 +61,14 @@ def seed_of(*parts) -> int:
 
 class Trainer:
     """Holds the model, engine, optimizer and task of one run; :meth:`step` is one RL step. ``should_stop`` is
-    polled before a step's first update (a preemption request abandons the step there)."""
+    polled before a step's first update (a preemption request abandons the step there). ``dist``: this process's
+    share of a torchrun job (:mod:`dppo.run.distributed`), consulted at the points marked [dist]; None = one
+    process, where every hook is the identity."""
 
-    def __init__(self, cfg: TrainConfig, log=print, should_stop=lambda: False):
+    def __init__(self, cfg: TrainConfig, log=print, should_stop=lambda: False, dist=None):
         validate(cfg)
         self.cfg, self.log, self.should_stop = cfg, log, should_stop
+        self.dist = dist or Local()
         if cfg.threads or not cfg.model.path:
             torch.set_num_threads(cfg.threads or 1)
         torch.manual_seed(cfg.seed)
@@ -78,7 +81,7 @@ class Trainer:
         else:
             from dppo.run.warmup import warm_start_for
 
-            self.model_path = warm_start_for(cfg, log=log)
+            self.model_path = self.dist.first(lambda: warm_start_for(cfg, log=log))  # [dist] rank 0 fills the cache
         # fp32 master weights; --train_dtype bf16 autocasts the forward, --rollout_dtype sets the engine's copy
         self.model, self.tok = load_model(self.model_path, dtype="fp32", device=cfg.device)
         self.model.eval()  # no dropout: π must be the same function in the rollout and in the loss
@@ -90,12 +93,14 @@ class Trainer:
             raise ConfigError(str(e)) from None
         # Built before the adapters are added: a bf16 engine keeps a plain copy and is pushed merged LoRA weights.
         self.engine = HFEngine(self.model, eos_token_id=eos, pad_token_id=self.tok.pad_token_id,
-                               dtype=cfg.rollout.dtype, fp32_head=cfg.rollout.fp32_head)
+                               dtype=cfg.rollout.dtype, fp32_head=cfg.rollout.fp32_head,
+                               own_copy=self.dist.active)  # [dist] a sharded policy cannot be sampled with
         self._add_lora()
         self.train_modules = enable_gradient_checkpointing(self.model) if cfg.optim.gradient_checkpointing else []
         if cfg.lora.rank and cfg.lora.dropout > 0:
             self.train_modules += [mod for name, mod in self.model.named_modules()
                                    if isinstance(mod, torch.nn.Dropout) and "lora_dropout" in name]
+        self.dist.shard(self.model, cfg.optim)  # [dist] FSDP2: each decoder layer and the rest sharded across processes
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # the adapters alone under LoRA
         # (decoder body, lm head) for the fused statistics + loss; None: the logits path (a post-processed head)
         self.head = decoder_and_head(self.model) if cfg.optim.fused_loss else None
@@ -165,8 +170,13 @@ class Trainer:
         # 2. rewards (a failing reward function is named, never a silent NaN) and advantages Â = R − group mean
         rewards, n_bad = score(self.task, per_response, texts, on_bad=cfg.log.on_bad_reward,
                                group_size=cfg.rollout.group_size)
+        correct = torch.tensor([float(self.task.correct(ex, t)) for ex, t in zip(per_response, texts)])
+        finished = ro.finished if ro.finished is not None else torch.ones(len(texts), dtype=torch.bool)
+        # [dist] the whole batch's rows in prompt order, on every process (this process's rows are a share of them)
+        rewards, correct, mask, finished = self.dist.gather_rows(rewards, correct, ro.response_mask, finished)
+        (n_bad,) = self.dist.sum(n_bad)
         adv = group_advantages(rewards, cfg.rollout.group_size, scale=cfg.method.adv_scale).to(cfg.device)
-        batch = Batch.from_rollout(ro, adv, cfg.rollout.group_size)
+        batch = Batch.from_rollout(ro, adv[self.dist.share(len(adv))], cfg.rollout.group_size)
         t_rollout = time.perf_counter() - t0
         if self.should_stop():
             raise StepAbandoned
@@ -179,18 +189,18 @@ class Trainer:
 
         # 4. several updates per batch over shuffled mini-batches, each the policy loss of Eq. 23
         t2 = time.perf_counter()
-        pooled, first, grad_norms, entropy = self._updates(batch, step)
+        pooled, first, grad_norms, entropy = self._updates(batch, step, mask)
         t_train = time.perf_counter() - t2
         t_step = time.perf_counter() - t0
 
         # 5. the step's record (names and meanings: dppo.metrics)
-        rec = self._record(step, ro, per_response, texts, rewards, adv, entropy)
+        rec = self._record(step, rewards, correct, mask, finished, adv, entropy)
         rec["reward/bad"] = float(n_bad)
         rec.update({f"loss/{k}": v for k, v in pooled.items()})
         # the first mini-batch runs before any update, with the engine's weights: its π − μ is the
         # training–inference mismatch alone (precision, kernels, misaligned pipelines), without policy drift
         rec.update({f"mismatch/{k}": first[k] for k in ("abs_diff_mean", "abs_diff_max", "abs_dlogp_mean")})
-        tokens = float(ro.response_mask.sum())
+        tokens = float(mask.sum())
         rec.update({"grad_norm": sum(grad_norms) / len(grad_norms), "grad_norm_max": max(grad_norms),
                     "lr": self.scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": tokens / t_step,
                     "time/rollout": t_rollout, "time/recompute": t_recompute, "time/train": t_train,
@@ -199,15 +209,17 @@ class Trainer:
 
     def rollout(self, step: int) -> tuple[Rollout, list, list[str]]:
         """Step ``step``'s rollout with the current weights: (Rollout, the prompt of each response, the decoded
-        responses). A pure function of (seed, step, weights)."""
+        responses). A pure function of (seed, step, weights); each prompt's responses of (seed, step, its index)."""
         cfg = self.cfg
         examples = self.task.train_examples(step, cfg.rollout.prompts_per_step, cfg.seed)
         ids, mask = encode_prompts(self.tok, [e.prompt for e in examples],
                                    cfg.task.chat_template and self.task.use_chat_template, cfg.device)
+        mine = self.dist.share(len(examples))  # [dist] this process's prompts (whole groups), padded as all of them
+        seeds = prompt_seeds(seed_of(cfg.seed, "rollout", step), len(examples))[mine]  # per prompt, not per process
         self.engine.sync(self.model)
-        gen = torch.Generator(device=cfg.device).manual_seed(seed_of(cfg.seed, "rollout", step))
-        ro = self.engine.generate(ids, mask, self.sampling, num_samples=cfg.rollout.group_size, generator=gen)
-        per_response = [ex for ex in examples for _ in range(cfg.rollout.group_size)]
+        ro = self.engine.generate(ids[mine], mask[mine], self.sampling, num_samples=cfg.rollout.group_size,
+                                  seeds=seeds)
+        per_response = [ex for ex in examples[mine] for _ in range(cfg.rollout.group_size)]
         return ro, per_response, decode_responses(self.tok, ro)
 
     def logp(self, ro: Rollout) -> torch.Tensor:
@@ -215,52 +227,59 @@ class Trainer:
         b = Batch.from_rollout(ro, torch.zeros(ro.response_ids.shape[0], device=ro.response_ids.device))
         return self._stats(b, grad=False).logp
 
-    def _updates(self, batch: Batch, step: int) -> tuple[dict, dict, list[float], float]:
+    def _updates(self, batch: Batch, step: int, mask: torch.Tensor) -> tuple[dict, dict, list[float], float]:
         """``epochs`` × ``minibatches`` AdamW updates; returns (pooled loss metrics, the first mini-batch's, the
-        gradient norms, the mean entropy over every token the updates saw)."""
+        gradient norms, the mean entropy over every token the updates saw). ``mask``: the whole batch's response
+        mask ([dist] ``batch`` holds this process's rows of it)."""
         cfg, m = self.cfg, self.method
         shuffle = torch.Generator().manual_seed(seed_of(cfg.seed, "shuffle", step))
         pool, first = MetricPool(), MetricPool()
         grad_norms, ent_sum, ent_tok = [], 0.0, 0.0
-        mb_size = len(batch) // cfg.optim.minibatches
+        mb_size = len(mask) // cfg.optim.minibatches
         for epoch in range(cfg.optim.epochs):
-            for k, mb in enumerate(batch.split(mb_size, torch.randperm(len(batch), generator=shuffle))):
+            for k, rows in enumerate(torch.randperm(len(mask), generator=shuffle).split(mb_size)):
                 self.optimizer.zero_grad(set_to_none=True)
                 # the mini-batch's aggregation denominator for every micro-batch: their losses sum to its loss exactly
-                den = aggregation_denominator(mb.response_mask, m.aggregation, m.max_len_norm)
-                for b in mb.split(self._micro(len(mb))):
+                den = aggregation_denominator(mask[rows], m.aggregation, m.max_len_norm)
+                # [dist] this process's rows of the mini-batch, in as many pieces as on the busiest process
+                for b, real in self.dist.micro_batches(batch, rows, cfg.optim.micro_batch_size):
                     loss, met, entropy = self._loss(b, den)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteError(f"loss is {loss.item()} at step {step + 1} (mini-batch {k + 1})")
+                    if not self.dist.all_true(torch.isfinite(loss)):  # [dist] every process stops, or none
+                        where = f"{loss.item()}" if not torch.isfinite(loss) else "not finite on another process"
+                        raise NonFiniteError(f"loss is {where} at step {step + 1} (mini-batch {k + 1})")
                     loss.backward()
+                    if not real:  # [dist] a padding piece: zero loss, no metrics
+                        continue
                     pool.add(met, n_seqs=b.n_seqs())
                     if epoch == 0 and k == 0:
                         first.add(met, n_seqs=b.n_seqs())
                     ent_sum += entropy * met["tokens"]
                     ent_tok += met["tokens"]
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-                gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
+                gn = self.dist.value(torch.nn.utils.clip_grad_norm_(self.params, clip))  # [dist] a DTensor
                 if not torch.isfinite(gn):
                     raise NonFiniteError(f"gradient norm is {gn.item()} at step {step + 1} (mini-batch {k + 1})")
                 grad_norms.append(float(gn))
                 self.optimizer.step()
                 self.scheduler.step()
+        pool, first = self.dist.merge(pool), self.dist.merge(first)  # [dist] every process's calls, pooled
+        ent_sum, ent_tok = self.dist.sum(ent_sum, ent_tok)
         return (pool.result(n_updates=len(grad_norms)), first.result(n_updates=1), grad_norms,
                 ent_sum / max(ent_tok, 1.0))
 
-    def _record(self, step, ro, per_response, texts, rewards, adv, entropy) -> dict:
+    def _record(self, step, rewards, correct, mask, finished, adv, entropy) -> dict:
+        """The step's figures from the whole batch's per-response rewards, correctness, masks and EOS flags."""
         g = self.cfg.rollout.group_size
         groups = rewards.view(-1, g)
-        correct = [float(self.task.correct(ex, t)) for ex, t in zip(per_response, texts)]
         n = rewards.shape[0]
         return {
             "step": step + 1,
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
-            "accuracy": sum(correct) / len(correct),
+            "accuracy": float(correct.sum()) / n,
             "groups_all_equal": float((groups.max(1).values == groups.min(1).values).float().mean()),
-            "response_len": float(ro.response_mask.sum()) / n,
-            "truncated_frac": float((~ro.finished).float().mean()) if ro.finished is not None else 0.0,
+            "response_len": float(mask.sum()) / n,
+            "truncated_frac": float((~finished).float().mean()),
             "entropy": entropy,
             "adv_abs_mean": float(adv.abs().mean()),
         }
@@ -269,25 +288,29 @@ class Trainer:
         """(loss, metrics, mean entropy) of one micro-batch: the fused statistics + loss of
         :func:`dppo.policy_loss_from_hidden` from the final hidden states where the head is plain h·Wᵀ + b (3 GEMMs
         of N·V·H, no [N, V] tensor), else :func:`dppo.policy_loss` on the log-probs of ``response_stats``."""
-        m, temperature = self.method, self.cfg.rollout.temperature
+        m = self.method
         if self.head is None:
             st = self._stats(b, grad=True)
             loss, met = policy_loss(m, st.logp, b.rollout_logp, b.advantages, b.response_mask, old_logp=b.old_logp,
                                     topk=b.topk(st.gathered_logp), denominator=den)
             resp = b.response_mask
             return loss, met, float((st.entropy.detach() * resp).sum() / resp.sum().clamp(min=1))
+        # [dist] under FSDP2 inside the root's forward, which gathers the head and embedding
+        loss, met = self.dist.forward(self._fused_loss, self.model, b, den)
+        return loss, met, met.pop("entropy")
+
+    def _fused_loss(self, model, b: Batch, den: torch.Tensor) -> tuple[torch.Tensor, dict]:
         body, head = self.head
-        share = b.prompt_index if self.cfg.optim.share_prompts and can_share_prompts(self.model) else None
+        share = b.prompt_index if self.cfg.optim.share_prompts and can_share_prompts(model) else None
         autocast = torch.autocast(b.input_ids.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         with training_mode(self.train_modules), autocast:
             hidden = response_hidden_states(body, b.input_ids, b.attention_mask, b.response_ids.shape[1], share)
         topk = self.method.needs_topk
-        loss, met = policy_loss_from_hidden(
-            m, hidden.to(head.weight.dtype), head.weight, b.response_ids, b.rollout_logp, b.advantages,
-            b.response_mask, bias=head.bias, temperature=temperature, old_logp=b.old_logp,
+        return policy_loss_from_hidden(
+            self.method, hidden.to(head.weight.dtype), head.weight, b.response_ids, b.rollout_logp, b.advantages,
+            b.response_mask, bias=head.bias, temperature=self.cfg.rollout.temperature, old_logp=b.old_logp,
             rollout_topk_ids=b.rollout_topk_ids if topk else None, rollout_topk_logp=b.rollout_topk_logp if topk
             else None, denominator=den, entropy=True)
-        return loss, met, met.pop("entropy")
 
     def _micro(self, n: int) -> int:
         return self.cfg.optim.micro_batch_size or n
@@ -296,25 +319,27 @@ class Trainer:
         gather = b.rollout_topk_ids if self.method.needs_topk else None
         modes = training_mode(self.train_modules) if grad else nullcontext()
         with torch.set_grad_enabled(grad), modes:
-            return response_stats(self.model, b.input_ids, b.attention_mask, b.response_ids,
-                                  temperature=self.cfg.rollout.temperature, gather_ids=gather, entropy=True,
-                                  autocast_dtype=self.autocast,
-                                  prompt_index=b.prompt_index if self.cfg.optim.share_prompts else None)
+            # [dist] under FSDP2 inside the root's forward, which gathers the head and embedding
+            return self.dist.forward(response_stats, self.model, b.input_ids, b.attention_mask, b.response_ids,
+                                     temperature=self.cfg.rollout.temperature, gather_ids=gather, entropy=True,
+                                     autocast_dtype=self.autocast,
+                                     prompt_index=b.prompt_index if self.cfg.optim.share_prompts else None)
 
     # ------------------------------------------------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
         t = time.perf_counter()
         ec = self.cfg.eval
         self.engine.sync(self.model)
-        gen = torch.Generator(device=self.cfg.device).manual_seed(seed_of(seed_of(self.cfg.seed, step), "eval"))
         out = evaluate(self.engine, self.tok, self.task, max_new_tokens=self.max_new_tokens,
-                       temperature=ec.temperature, top_p=ec.top_p, samples=ec.samples, generator=gen,
-                       device=self.cfg.device, chat_template=self.cfg.task.chat_template,
-                       max_problems=ec.max_problems)
+                       temperature=ec.temperature, top_p=ec.top_p, samples=ec.samples,
+                       seed=seed_of(seed_of(self.cfg.seed, step), "eval"), device=self.cfg.device,
+                       chat_template=self.cfg.task.chat_template, max_problems=ec.max_problems,
+                       dist=self.dist if self.dist.active else None)  # [dist] each process its share of problems
         out["time/eval"] = time.perf_counter() - t
         return out
 
     def save(self, step: int) -> str:
-        return save_checkpoint(self.cfg.out, step=step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, data_position=step * self.cfg.rollout.prompts_per_step,
-                               extra={"model_path": self.model_path}, keep=self.cfg.log.keep_checkpoints)
+        # [dist] one process: state.pt (dppo.run.checkpoint); torchrun: sharded (dppo.run.dist_checkpoint)
+        return self.dist.save(self.cfg.out, step=step, model=self.model, optimizer=self.optimizer,
+                              scheduler=self.scheduler, data_position=step * self.cfg.rollout.prompts_per_step,
+                              extra={"model_path": self.model_path}, keep=self.cfg.log.keep_checkpoints)
