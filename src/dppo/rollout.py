@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SamplingParams", "Rollout", "RolloutEngine", "sampling_logprobs", "encode_prompts", "prompt_seeds",
+           "mask_padding",
            "sample_tokens"]
 
 
@@ -100,6 +101,24 @@ class RolloutEngine:
         its own logits alone, whatever other prompts share the call (a different batch, chunk or process gives the
         same samples). Without them, ``generator`` (or torch's global RNG) drives the whole batch."""
         raise NotImplementedError
+
+
+def mask_padding(ro: Rollout, pad: int) -> Rollout:
+    """Write canonical values at the positions after each response's end (``response_mask`` 0), in place: ``pad`` in
+    ``response_ids``, 0 in ``rollout_logp``, (pad, −inf) in the top-K record (μ lists no token there), a point mass at
+    ``pad`` in ``rollout_full_logp``. No loss reads them (every loss is masked), but fixed values make two rollouts
+    comparable tensor for tensor (engines, chunk sizes). Returns ``ro``."""
+    off = ~ro.response_mask
+    ro.response_ids.masked_fill_(off, pad)
+    ro.rollout_logp.masked_fill_(off, 0.0)
+    if ro.rollout_topk_ids is not None:
+        ro.rollout_topk_ids.masked_fill_(off[..., None], pad)
+        ro.rollout_topk_logp.masked_fill_(off[..., None], float("-inf"))
+    if ro.rollout_full_logp is not None:
+        point = torch.full_like(ro.rollout_full_logp[0, 0], float("-inf"))
+        point[pad] = 0.0
+        ro.rollout_full_logp[off] = point
+    return ro
 
 
 def prompt_seeds(base: int, n: int) -> list[int]:

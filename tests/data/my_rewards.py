@@ -24,3 +24,10 @@ def raises_on_seven(prompt: str, response: str, answer: str):
 
 def string_on_seven(prompt: str, response: str, answer: str):
     return "correct" if "7" in response else 0.0
+
+
+def share_of_ones(prompt: str, response: str, answer: str) -> float:
+    """The share of the response's characters that are the digit 1 (chance ≈ 1/16 for the arithmetic alphabet): a
+    graded reward that differs between almost any two responses, so no group is all-equal (Â ≠ 0) and a random tiny
+    model learns it within a few steps."""
+    return response.count("1") / len(response) if response else 0.0

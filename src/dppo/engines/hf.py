@@ -13,6 +13,7 @@ parameters: the training–inference mismatch of the paper (§5.1, Fig. 3) repro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from collections.abc import Sequence
 
@@ -22,7 +23,8 @@ from torch import Tensor
 from dppo.hf.heads import lm_head
 from dppo.hf.lora import base_model
 from dppo.hf.model import DTYPES, decoder_and_head, position_ids_from_mask
-from dppo.rollout import Rollout, RolloutEngine, SamplingParams, sample_tokens, sampling_logprobs
+from dppo.rollout import (Rollout, RolloutEngine, SamplingParams, mask_padding, prompt_seeds, sample_tokens,
+                          sampling_logprobs)
 
 __all__ = ["HFEngine"]
 
@@ -59,7 +61,10 @@ class HFEngine(RolloutEngine):
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32",
-                 fp32_head: bool = False, own_copy: bool = False):
+                 fp32_head: bool = False, own_copy: bool = False, batch_size: int = 256):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (responses generated at a time), got {batch_size}")
+        self.batch_size = int(batch_size)
         policy_dtype = next(model.parameters()).dtype
         self.dtype = DTYPES[dtype]
         if self.dtype == policy_dtype and not own_copy:
@@ -117,11 +122,31 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, *, num_samples: int = 1,
                  generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> Rollout:
+        """Sample in chunks of whole groups, at most ``batch_size`` responses (at least one group) per chunk, so the
+        KV cache and the [N, V] logits of a decode step grow with the chunk, not with prompts × G.
+
+        Prompt b's G responses are a function of ``seeds[b]`` alone (:func:`dppo.rollout.prompt_seeds`; without
+        ``seeds``, per-prompt seeds are drawn from ``generator``), so the rollout is the same tensor for tensor
+        whatever the chunk size: chunks keep the batch's prompt width P and are right-padded to the longest
+        response with the canonical padding (:func:`dppo.rollout.mask_padding`)."""
+        b = prompt_ids.shape[0]
+        if seeds is None:
+            gdev = generator.device if generator is not None else "cpu"
+            seeds = prompt_seeds(int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev)), b)
+        if len(seeds) != b:
+            raise ValueError(f"seeds: expected one per prompt ({b}), got {len(seeds)}")
+        per = max(1, self.batch_size // num_samples)
+        parts = [self._generate(prompt_ids[i: i + per], prompt_mask[i: i + per], params, num_samples,
+                                list(seeds[i: i + per])) for i in range(0, b, per)]
+        return mask_padding(parts[0] if len(parts) == 1 else _concat(parts), self.pad)
+
+    def _generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, num_samples: int,
+                  seeds: list[int]) -> Rollout:
         dev = prompt_ids.device
         ids = prompt_ids.repeat_interleave(num_samples, dim=0)
         pmask = prompt_mask.bool().repeat_interleave(num_samples, dim=0)
         n = ids.shape[0]
-        draws = _Draws(n, num_samples, params, dev, generator, seeds)
+        draws = _Draws(num_samples, params, dev, seeds)
         eos = self.eos.to(dev)
         cache = _new_cache(self.model)
         pos = position_ids_from_mask(pmask)
@@ -174,29 +199,33 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 class _Draws:
-    """The random numbers of one ``generate`` call: a uniform per response and token (inverse-CDF sampling) and the
-    ``logit_noise`` ε. With per-prompt ``seeds``, prompt b's G responses draw from their own generator (seeded with
-    ``seeds[b]``, on the CPU so that every device gives the same numbers): the same prompt and seed give the same
-    samples in any batch, chunk or process. Otherwise ``generator`` (or the global RNG) serves the whole batch."""
+    """The random numbers of one chunk: a uniform per response and token (inverse-CDF sampling) and the
+    ``logit_noise`` ε. Prompt b's G responses draw from their own generator, seeded with ``seeds[b]`` and on the CPU
+    so that every device gives the same numbers: the same prompt and seed give the same samples in any batch, chunk
+    or process."""
 
-    def __init__(self, n: int, g: int, params: SamplingParams, device, generator, seeds):
-        self.device, self.generator = device, generator
+    def __init__(self, g: int, params: SamplingParams, device, seeds: list[int]):
+        self.g, self.device = g, device
         t = max(params.max_new_tokens, 1)
-        if seeds is None:
-            self.gens = None
-            gdev = generator.device if generator is not None else device
-            self.uniforms = torch.rand(n, t, generator=generator, dtype=torch.float64, device=gdev).to(device)
-            return
-        if len(seeds) * g != n:
-            raise ValueError(f"seeds: expected one per prompt ({n // g}), got {len(seeds)}")
-        self.g = g
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.uniforms = torch.cat([torch.rand(g, t, generator=gen, dtype=torch.float64) for gen in self.gens])
         self.uniforms = self.uniforms.to(device)
 
     def noise(self, v: int) -> Tensor:
         """[N, V] standard normal ε for this token position."""
-        if self.gens is None:
-            gdev = self.generator.device if self.generator is not None else self.device
-            return torch.randn(self.uniforms.shape[0], v, generator=self.generator, device=gdev).to(self.device)
         return torch.cat([torch.randn(self.g, v, generator=gen) for gen in self.gens]).to(self.device)
+
+
+def _concat(parts: list[Rollout]) -> Rollout:
+    """Rollouts of the same prompt width stacked along N, responses right-padded to the longest."""
+    t = max(r.response_ids.shape[1] for r in parts)
+
+    def cat(name: str) -> Tensor | None:
+        xs = [getattr(r, name) for r in parts]
+        if xs[0] is None:
+            return None
+        if name.startswith(("response_", "rollout_")):  # [N, T, ...]: pad T (mask_padding fixes the values)
+            xs = [torch.cat([x, x.new_zeros((x.shape[0], t - x.shape[1], *x.shape[2:]))], dim=1) for x in xs]
+        return torch.cat(xs)
+
+    return Rollout(**{f.name: cat(f.name) for f in dataclasses.fields(Rollout)})

@@ -113,6 +113,23 @@ class RolloutConfig:
     """run the rollout engine's lm-head GEMM in fp32 on its upcast hidden state (the FP32 LM head of ScaleRL /
     MiniMax-M1, trl#4303): less training–inference mismatch. Off by default: the paper's §5.1 mismatch is plain BF16
     rollout"""
+    engine: Annotated[Literal["hf", "vllm"], _a("engine")] = "hf"
+    """rollout engine: hf = dppo's own decode loop over the transformers policy (any device, no extra package; the
+    default job's); vllm = vLLM in the trainer's process (pip install 'dppo[vllm]'), the engine to use on a GPU"""
+    batch_size: Annotated[int, _a("rollout_batch_size")] = 256
+    """responses the engine generates at a time: HF engine chunks of whole groups (its KV cache and logits grow with
+    this, not with prompts × group size; the rollout is identical for any value), vLLM's max_num_seqs (*ours*: the
+    default job's 32 × 8 in one chunk)"""
+    vllm_gpu_memory_utilization: Annotated[float, _a("vllm_gpu_memory_utilization")] = 0.3
+    """vLLM on a GPU: fraction of GPU memory it may take (weights, activations, KV cache), shared with the trainer
+    (0.3 = TRL's colocate default). On a CPU the KV cache is sized for --rollout_batch_size sequences of
+    --vllm_max_model_len tokens instead"""
+    vllm_max_model_len: Annotated[int, _a("vllm_max_model_len")] = 0
+    """vLLM: longest prompt + response in tokens (0 = the model's max_position_embeddings); lower it to shrink the
+    KV cache"""
+    vllm_enforce_eager: Annotated[bool, _a("vllm_enforce_eager")] = False
+    """vLLM: eager mode, no CUDA graphs / torch.compile: starts in seconds instead of 25–50 s on a 2-core CPU,
+    decodes up to 19 % slower there (docs/benchmarks.md)"""
     logit_noise: Annotated[float, _a("rollout_logit_noise")] = 0.0
     """σ of Gaussian noise added to every logit the engine samples from (log μ is that noisy distribution's): a
     stress knob that scales the training–inference mismatch (*ours*; 0 = off)"""
@@ -267,7 +284,7 @@ class TrainConfig:
 SECTIONS = ("model", "task", "rollout", "method", "optim", "lora", "eval", "log")
 
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
-RESUME_MAY_CHANGE = {"steps", "eval.every", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
+RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
                      "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device",
                      "optim.gradient_checkpointing", "dist_timeout"}
 

@@ -140,6 +140,8 @@ def _train(cfg: TrainConfig, log, dist) -> list[dict]:
                              show_bar=dist.is_main)
         finally:
             mlog.close()
+            if hasattr(trainer.engine, "close"):  # vLLM: free its KV cache and process-wide state
+                trainer.engine.close()
     if start < cfg.steps:
         dist.save_final(trainer, os.path.join(cfg.out, "final"))  # [dist] gathered, written by rank 0
         summary = eval_summary(read_metrics(os.path.join(cfg.out, "metrics.jsonl")))

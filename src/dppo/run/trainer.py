@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import torch
 
 from dppo.advantages import group_advantages
-from dppo.engines import HFEngine
+from dppo.engines import make_engine
 from dppo.fused import policy_loss_from_hidden
 from dppo.hf.model import (can_share_prompts, decoder_and_head, enable_gradient_checkpointing, eos_token_ids,
                            load_model, response_hidden_states, response_stats, training_mode)
@@ -92,9 +92,14 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         # Built before the adapters are added: a bf16 engine keeps a plain copy and is pushed merged LoRA weights.
-        self.engine = HFEngine(self.model, eos_token_id=eos, pad_token_id=self.tok.pad_token_id,
-                               dtype=cfg.rollout.dtype, fp32_head=cfg.rollout.fp32_head,
-                               own_copy=self.dist.active)  # [dist] a sharded policy cannot be sampled with
+        rc = cfg.rollout
+        self.engine = make_engine(rc.engine, self.model, self.model_path, eos_token_id=eos,
+                                  pad_token_id=self.tok.pad_token_id, dtype=rc.dtype, fp32_head=rc.fp32_head,
+                                  own_copy=self.dist.active,  # [dist] a sharded policy cannot be sampled with
+                                  batch_size=rc.batch_size, max_logprobs=self.method.topk, seed=cfg.seed,
+                                  vllm_max_model_len=rc.vllm_max_model_len,
+                                  vllm_gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
+                                  vllm_enforce_eager=rc.vllm_enforce_eager)
         self._add_lora()
         self.train_modules = enable_gradient_checkpointing(self.model) if cfg.optim.gradient_checkpointing else []
         if cfg.lora.rank and cfg.lora.dropout > 0:
@@ -135,7 +140,7 @@ class Trainer:
         self.n_trainable = sum(p.numel() for p in self.params)
         lc = cfg.lora
         lora = f", LoRA r={lc.rank} alpha={lc.alpha or 2 * lc.rank:g} on {lc.target}" if lc.rank else ""
-        head32 = " (fp32 head)" if cfg.rollout.fp32_head else ""
+        head32 = f" {cfg.rollout.engine} engine" + (" (fp32 head)" if cfg.rollout.fp32_head else "")
         self.log(f"model {self.model_path} ({n_params / 1e6:.2f} M parameters, {self.n_trainable:,} trained{lora}), "
                  f"method {m.name}, rollout {cfg.rollout.dtype}{head32}, {cfg.rollout.prompts_per_step}×"
                  f"{cfg.rollout.group_size} responses/step, {cfg.optim.minibatches} updates/step, EOS ids {eos}"

