@@ -76,3 +76,87 @@ def test_custom_reward(monkeypatch):
         load_reward_fn("no_colon")
     with pytest.raises(ValueError, match="no function"):
         load_reward_fn("my_rewards:nope")
+
+
+# ---- addition-steps: long addition written out column by column -------------------------------------------------
+
+
+def test_addition_steps_worked_response_by_hand():
+    from dppo.tasks.addition_steps import worked_steps
+
+    assert worked_steps(4738, 2959, 4) == "8+9=17,3+5+1=9,7+9=16,4+2+1=7>7697"
+    assert worked_steps(999, 999, 3) == "9+9=18,9+9+1=19,9+9+1=19>1998"  # the last carry becomes a digit
+    assert worked_steps(100, 200, 3) == "0+0=0,0+0=0,1+2=3>300"
+    assert worked_steps(5, 7, 1) == "5+7=12>12"
+    # a teacher who always forgets the carry: 8+9=17 leaves no "+1" in the next column, and the sum follows the slip
+    assert worked_steps(4738, 2959, 4, 1.0, random.Random(0)) == "8+9=17,3+5=8,7+9=16,4+2=6>6687"
+
+
+def test_addition_steps_reward_reads_the_final_sum():
+    from dppo.tasks import AdditionStepsTask
+
+    t = AdditionStepsTask(digits=3, eval_size=20)
+    ex = t.train_examples(0, 1, 0)[0]
+    a, b = map(int, ex.prompt.rstrip("=").split("+"))
+    assert ex.answer == str(a + b) and 100 <= a <= 999 and 100 <= b <= 999
+    good = t.demonstration(ex, random.Random(0), 0.0)
+    assert good.endswith(">" + ex.answer) and len(good) >= 20  # tens of tokens
+    assert t.reward(ex, good) == 1.0
+    assert t.reward(ex, "garbage steps>" + ex.answer) == 1.0  # only the final sum is graded, like a boxed answer
+    assert t.reward(ex, good + "0") == 0.0 and t.reward(ex, ex.answer) == 0.0 and t.reward(ex, "") == 0.0
+    assert t.reward(ex, "1>2>" + ex.answer) == 1.0 and t.reward(ex, good.replace(">", ">>9")) == 0.0
+    assert t.max_new_tokens_hint >= len(t.demonstration(make_task("addition-steps", digits=3).eval_examples()[0],
+                                                        random.Random(0), 0.0)) + 1
+    assert t.max_new_tokens_hint >= len("9+9=18,9+9+1=19,9+9+1=19>1998") + 1  # the longest response + <eos>
+
+
+def test_addition_steps_heldout_fixed_set_and_determinism():
+    from dppo.tasks import AdditionStepsTask
+
+    t = AdditionStepsTask(digits=3, eval_size=50, num_problems=40)
+    held = {e.prompt for e in t.eval_examples()}
+    assert len(held) == 50
+    fixed = t.fixed_problems(0)
+    assert len({e.prompt for e in fixed}) == 40 and not held & {e.prompt for e in fixed}
+    train = [e for s in range(20) for e in t.train_examples(s, 16, seed=0)]
+    assert {e.prompt for e in train} <= {e.prompt for e in fixed}
+    assert t.train_examples(3, 16, 0) == t.train_examples(3, 16, 0) != t.train_examples(3, 16, 1)
+    assert t.fixed_problems(1) != fixed
+    fresh = AdditionStepsTask(digits=3, eval_size=50)
+    assert not held & {e.prompt for s in range(20) for e in fresh.train_examples(s, 16, seed=0)}
+    assert len(AdditionStepsTask(digits=1, eval_size=100).eval_examples()) == 20  # at most a fifth of 100 problems
+    with pytest.raises(ValueError, match="task_digits"):
+        AdditionStepsTask(digits=0)
+
+
+def test_addition_steps_warmup_learns(tmp_path):
+    """The tiny model's supervised warm-up imitates the worked responses: after 300 steps it writes them out in the
+    right shape, starting from the right column, and some greedy sums are right (an untrained model does none of it;
+    the miniature's 1,500 steps on a bigger model reach ~0.97 greedy, docs/results.md §1)."""
+    import torch
+
+    from dppo.engines import HFEngine
+    from dppo.hf.model import load_model
+    from dppo.rollout import SamplingParams, encode_prompts
+    from dppo.run.config import make_config
+    from dppo.run.evaluate import decode_responses
+    from dppo.run.warmup import warm_start_for
+
+    torch.set_num_threads(1)
+    cfg = make_config(task="addition-steps", task_digits=2, eval_per_level=20, hidden=32, layers=2, heads=2,
+                      warmup_steps=300, warmup_batch=32, warmup_noise=0.0, cache_dir=str(tmp_path))
+    path = warm_start_for(cfg, log=lambda m: None)
+    model, tok = load_model(path)
+    task = make_task("addition-steps", digits=2, eval_per_level=20)
+    exs = task.eval_examples()
+    ids, mask = encode_prompts(tok, [e.prompt for e in exs], False)
+    engine = HFEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ro = engine.generate(ids, mask, SamplingParams(task.max_new_tokens_hint, temperature=0.0))
+    texts = decode_responses(tok, ro)
+    acc = sum(task.reward(e, t) for e, t in zip(exs, texts)) / len(exs)
+    well_formed = sum(t.count(",") == 1 and ">" in t for t in texts) / len(texts)
+    first_step = [e.prompt[1] + "+" + e.prompt[4] for e in exs]  # "ab+cd=": the last column is b+d
+    copied = sum(t.startswith(f) for f, t in zip(first_step, texts)) / len(texts)
+    assert well_formed >= 0.9, texts[:5]
+    assert copied >= 0.6, (copied, texts[:5])  # chance: 1/100
+    assert acc >= 0.15, (acc, texts[:5])  # chance: ~1/200; an untrained model writes no '>' at all

@@ -285,3 +285,18 @@ def test_micro_batching_does_not_change_the_update(tmp_path, cache_dir, monkeypa
     assert len(lens) == 1
     for key in ("loss/loss", "grad_norm", "grad_norm_max", "loss/abs_diff_mean"):
         assert micro[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-8), key
+
+
+def test_addition_steps_task_trains(tmp_path, cache_dir):
+    """The long-response task runs through the whole trainer on the tiny model: its own warm-up (alphabet and
+    demonstrations of the task), responses of tens of tokens, a reward in [0, 1], the response cap from the task."""
+    from dppo.run.loop import train
+
+    out = tmp_path / "steps"
+    train(tiny_cfg(out, cache_dir, task="addition-steps", task_digits=2, task_num_problems=8, steps=2,
+                   eval_every=0), log=lambda m: None)
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert 0 <= r["reward"] <= 1 and 5 <= r["response_len"] <= 22  # 10·2 + 2 tokens at most
+    assert json.loads((out / "config.json").read_text())["task"]["name"] == "addition-steps"

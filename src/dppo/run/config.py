@@ -67,16 +67,17 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Annotated[Literal["arithmetic", "jsonl"], _a("task")] = "arithmetic"
-    """arithmetic: built-in multi-digit addition (exact reward, graded by digits); jsonl: math problems from --data
-    scored with math-verify"""
+    name: Annotated[Literal["arithmetic", "addition-steps", "jsonl"], _a("task")] = "arithmetic"
+    """arithmetic: built-in multi-digit addition (exact reward, graded by digits); addition-steps: long addition
+    written out column by column (tens of tokens per response, reward on the final sum; *ours*); jsonl: math
+    problems from --data scored with math-verify"""
     digits: Annotated[int, _a("task_digits")] = 2
-    """arithmetic: the hardest level's operand digits (levels 1..N)"""
+    """arithmetic: the hardest level's operand digits (levels 1..N); addition-steps: the operands' digits"""
     num_problems: Annotated[int, _a("task_num_problems")] = 0
-    """arithmetic: train on a fixed set of this many problems, drawn once from the run's seed (the sanity test's
+    """arithmetic, addition-steps: train on a fixed set of this many problems, drawn once from the run's seed (the sanity test's
     fixed problem set, §5.1); 0 = fresh problems every step"""
     eval_per_level: Annotated[int, _a("eval_per_level")] = 100
-    """arithmetic: held-out problems per level"""
+    """arithmetic: held-out problems per level; addition-steps: held-out problems"""
     data: Annotated[str, _a("data")] = ""
     """jsonl: training file with 'question'/'answer' fields (empty = the bundled sample)"""
     eval_data: Annotated[str, _a("eval_data")] = ""

@@ -8,6 +8,7 @@ import os
 
 from dppo.methods import Method, method_from_spec
 from dppo.run.config import ConfigError, TrainConfig
+from dppo.tasks import TINY_MODEL_TASKS
 
 __all__ = ["validate", "resolve_method"]
 
@@ -96,8 +97,8 @@ def validate(cfg: TrainConfig) -> None:
         need(os.path.isfile(os.path.join(mo.path, "config.json")),
              f"--model {mo.path!r} has no config.json: pass the directory save_pretrained() wrote")
     else:
-        need(task.name == "arithmetic", f"--task {task.name!r} needs a real model: the built-in tiny model only knows "
-             "the arithmetic alphabet; pass --model PATH")
+        need(task.name in TINY_MODEL_TASKS, f"--task {task.name!r} needs a real model: the built-in tiny model only "
+             f"knows the alphabets of {', '.join(TINY_MODEL_TASKS)}; pass --model PATH")
         need(mo.hidden % mo.heads == 0, f"--hidden {mo.hidden} must be divisible by --heads {mo.heads}")
         need(mo.heads % 2 == 0, f"--heads {mo.heads} must be even (the tiny model uses 2 KV heads)")
         need(mo.vocab_pad >= 0, f"--vocab_pad must be >= 0, got {mo.vocab_pad}")

@@ -1,5 +1,6 @@
-"""The default job's starting point: a tiny transformers model given a short supervised warm-up on the arithmetic
-task, so RL starts from a policy that sometimes succeeds (RL from a random 1 M-parameter model would see reward 0).
+"""The default job's starting point: a tiny transformers model given a short supervised warm-up on a built-in task
+(``arithmetic``, or ``addition-steps``; any task with an ``alphabet`` and a ``demonstration`` method), so RL starts
+from a policy that sometimes succeeds (RL from a random 1 M-parameter model would see reward 0).
 
 The result is saved with ``save_pretrained`` (model + tokenizer) in a cache directory keyed by a hash of everything
 that determines it, and the trainer loads it exactly like a user's ``--model PATH``. A second run skips the warm-up.
@@ -18,8 +19,7 @@ import torch
 
 from dppo.hf.model import build_char_tokenizer, build_tiny_model
 from dppo.run.config import ModelConfig
-from dppo.tasks import ArithmeticTask
-from dppo.tasks.arithmetic import ALPHABET
+from dppo.tasks import TINY_MODEL_TASKS, make_task
 from dppo.tasks.base import step_rng
 
 __all__ = ["warm_start", "warm_start_for", "default_cache_dir"]
@@ -31,21 +31,27 @@ def default_cache_dir() -> str:
     return os.environ.get("DPPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dppo")
 
 
-def _key(mc: ModelConfig, digits: int, eval_per_level: int, seed: int) -> dict:
+def _key(mc: ModelConfig, digits: int, eval_per_level: int, seed: int, task: str) -> dict:
     key = dict(version=WARMUP_VERSION, arch=mc.arch, hidden=mc.hidden, layers=mc.layers, heads=mc.heads,
                digits=digits, eval_per_level=eval_per_level, steps=mc.warmup_steps, lr=mc.warmup_lr,
                batch=mc.warmup_batch, noise=mc.warmup_noise, seed=seed, torch=torch.__version__.split("+")[0])
     if mc.vocab_pad:  # absent for the default, so caches written before the option existed stay valid
         key["vocab_pad"] = mc.vocab_pad
+    if task != "arithmetic":  # likewise
+        key["task"] = task
     return key
 
 
-def warm_start(mc: ModelConfig, *, digits: int, eval_per_level: int, seed: int, log=print) -> str:
+def warm_start(mc: ModelConfig, *, digits: int, eval_per_level: int, seed: int, task: str = "arithmetic",
+               log=print) -> str:
     """Directory of the warmed-up tiny model described by ``mc`` (:class:`dppo.run.config.ModelConfig`) for the
-    arithmetic task with ``digits``; trains it if no cached copy exists. Supervised fine-tuning: cross-entropy on the
-    answer and <eos> tokens of ``prompt+answer``. ``seed``: the run's seed, unless ``mc.warmup_seed`` is set."""
+    built-in ``task`` with ``digits``; trains it if no cached copy exists. Supervised fine-tuning: cross-entropy on the
+    response and <eos> tokens of ``prompt+response``, the response being the task's ``demonstration`` (a teacher who
+    slips with probability ``mc.warmup_noise``). ``seed``: the run's seed, unless ``mc.warmup_seed`` is set."""
+    if task not in TINY_MODEL_TASKS:
+        raise ValueError(f"the tiny model's warm-up knows the tasks {TINY_MODEL_TASKS}, not {task!r}")
     seed = seed if mc.warmup_seed is None else mc.warmup_seed
-    key = _key(mc, digits, eval_per_level, seed)
+    key = _key(mc, digits, eval_per_level, seed, task)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = mc.cache_dir or default_cache_dir()
     path = os.path.join(root, f"warmup-{digest}")
@@ -55,9 +61,9 @@ def warm_start(mc: ModelConfig, *, digits: int, eval_per_level: int, seed: int, 
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    task = ArithmeticTask(max_digits=digits, eval_per_level=eval_per_level)
-    tok = build_char_tokenizer(ALPHABET, mc.vocab_pad)
-    max_len = 2 * digits + 2 + digits + 3
+    tk = make_task(task, digits=digits, eval_per_level=eval_per_level)
+    tok = build_char_tokenizer(tk.alphabet, mc.vocab_pad)
+    max_len = 2 * digits + 3 + tk.max_new_tokens_hint  # <bos> a + b = | response <eos>
     model = build_tiny_model(len(tok), arch=mc.arch, hidden_size=mc.hidden, num_layers=mc.layers,
                              num_heads=mc.heads, max_positions=max(64, 2 * max_len),
                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -70,9 +76,9 @@ def warm_start(mc: ModelConfig, *, digits: int, eval_per_level: int, seed: int, 
     loss_v = float("nan")
     for step in range(n):
         rng = step_rng(seed, step, "warmup")
-        exs = [task.sample(rng) for _ in range(mc.warmup_batch)]
+        exs = [tk.sample(rng) for _ in range(mc.warmup_batch)]
         prompts = tok([e.prompt for e in exs])["input_ids"]
-        demos = [task.sloppy_answer(e, rng, mc.warmup_noise) for e in exs]
+        demos = [tk.demonstration(e, rng, mc.warmup_noise) for e in exs]
         answers = tok(demos, add_special_tokens=False)["input_ids"]
         seqs = [p + a + [tok.eos_token_id] for p, a in zip(prompts, answers)]
         width = max(map(len, seqs))
@@ -109,4 +115,4 @@ def warm_start(mc: ModelConfig, *, digits: int, eval_per_level: int, seed: int, 
 def warm_start_for(cfg, log=print) -> str:
     """:func:`warm_start` for a whole :class:`dppo.run.config.TrainConfig` (its model, task and seed)."""
     return warm_start(cfg.model, digits=cfg.task.digits, eval_per_level=cfg.task.eval_per_level, seed=cfg.seed,
-                      log=log)
+                      task=cfg.task.name, log=log)

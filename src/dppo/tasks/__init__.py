@@ -1,6 +1,7 @@
 """Tasks: prompts + a verifiable reward + a held-out set.
 
 * ``arithmetic`` (default): multi-digit addition graded by digit count, exact-match reward (:mod:`.arithmetic`).
+* ``addition-steps``: long addition written out column by column, tens of tokens per response (:mod:`.addition_steps`).
 * ``jsonl``: math problems from a JSONL file with ``question``/``answer`` fields, scored by math-verify.
 * any task's reward can be replaced by a function given as ``module:function`` with signature
   ``fn(prompt: str, response: str, answer: str) -> float``.
@@ -14,16 +15,18 @@ import importlib
 import os
 from typing import Callable
 
+from dppo.tasks.addition_steps import AdditionStepsTask
 from dppo.tasks.arithmetic import ArithmeticTask
 from dppo.tasks.base import Example, Task, step_rng
 from dppo.tasks.jsonl_math import JsonlMathTask, math_verify_reward, read_jsonl
 
 __all__ = [
-    "Example", "Task", "ArithmeticTask", "JsonlMathTask", "CustomRewardTask", "load_reward_fn", "make_task",
-    "math_verify_reward", "read_jsonl", "sample_jsonl_path", "step_rng", "TASKS",
+    "Example", "Task", "ArithmeticTask", "AdditionStepsTask", "JsonlMathTask", "CustomRewardTask", "load_reward_fn",
+    "make_task", "math_verify_reward", "read_jsonl", "sample_jsonl_path", "step_rng", "TASKS", "TINY_MODEL_TASKS",
 ]
 
-TASKS = ("arithmetic", "jsonl")
+TASKS = ("arithmetic", "addition-steps", "jsonl")
+TINY_MODEL_TASKS = ("arithmetic", "addition-steps")  # tasks the built-in tiny model (run/warmup.py) can learn
 
 
 def sample_jsonl_path() -> str:
@@ -78,6 +81,8 @@ def make_task(name: str, *, data: str | None = None, eval_data: str | None = Non
     """The task a config names (see :class:`dppo.run.config.TaskConfig` for the options)."""
     if name == "arithmetic":
         task: Task = ArithmeticTask(max_digits=digits, eval_per_level=eval_per_level, num_problems=num_problems)
+    elif name == "addition-steps":
+        task = AdditionStepsTask(digits=digits, eval_size=eval_per_level, num_problems=num_problems)
     elif name == "jsonl":
         task = JsonlMathTask(data or sample_jsonl_path(), eval_path=eval_data, eval_size=eval_size)
     else:

@@ -23,6 +23,7 @@ ALPHABET = "0123456789+="
 class ArithmeticTask(Task):
     name = "arithmetic"
     use_chat_template = False
+    alphabet = ALPHABET
 
     def __init__(self, max_digits: int = 3, eval_per_level: int = 100, eval_seed: int = 1234, num_problems: int = 0):
         """``num_problems`` > 0: training draws from a fixed set of that many problems (drawn once per run seed,
@@ -84,6 +85,10 @@ class ArithmeticTask(Task):
             a //= 10
             b //= 10
         return "".join(map(str, reversed(digits))).lstrip("0") or "0"
+
+    def demonstration(self, example: Example, rng: random.Random, p_drop: float) -> str:
+        """The warm-up's target response: :meth:`sloppy_answer`."""
+        return self.sloppy_answer(example, rng, p_drop)
 
     def fixed_problems(self, seed: int) -> list[Example]:
         """The fixed training set of ``seed`` (``num_problems`` distinct problems; empty when 0)."""
