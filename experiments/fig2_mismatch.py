@@ -1,12 +1,17 @@
-"""Fig. 2 in miniature (claims 1 and 10): per-token ratio π/μ and |π−μ| against μ.
+"""Fig. 2 in miniature (claims 1 and 10), on the shipped trainer: per-token ratio π/μ and |π−μ| against μ, and what
+the library's real masks block.
 
-μ = the bf16 copy of the SFT warm-up model (the "inference engine"), which samples the rollouts; π = the same weights
-in fp32 (the "trainer"). Panel row 1: that pure precision mismatch. Panel row 2: the same rollouts after one batch of
-4 optimizer steps (PG-IS, Adam lr 2e-4) — what a ratio clip actually meets during training. For each, the fraction of
-tokens a ratio clip (r > 1.28 or r < 0.8; GRPO-ClipHigher) and a Binary-TV mask (|π−μ| > 0.15; DPPO) would block, by
-μ bucket, and which tokens the ratio clip blocks most.
+μ = the trainer's bf16 rollout engine, sampling the first RL batch of the miniature (experiments/miniature.toml) with
+its whole distribution recorded; π = the trainer's fp32 policy. Two conditions:
 
-    python experiments/fig2_mismatch.py          # ≈ 1 min on 2 CPU cores
+* **mismatch**: the same weights (the training–inference mismatch alone, as in the paper's Fig. 2);
+* **after the step**: π after the trainer's own 4 mini-batch updates of that batch (PG-IS, so no mask shapes them):
+  what a trust region meets at the end of a step.
+
+Masks are the library's, on the batch's real advantages: GRPO-ClipHigher's ``ratio_mask`` (ε 0.2 / 0.28) and
+DPPO-Binary-TV's ``dppo_mask`` (δ 0.15), counted per side (Â > 0 blocks a rise, Â < 0 a fall; Â = 0 never blocks).
+
+    python experiments/fig2_mismatch.py [dppo train flags ...]      # ≈ 2 min on a busy 2-core CPU
 """
 
 from __future__ import annotations
@@ -20,61 +25,59 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import minilab as ml  # noqa: E402
+from first_batch import ROOT, first_batch, make_trainer, update  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-BUCKETS = [(0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0001)]
+from dppo.divergence import binary_tv  # noqa: E402
+from dppo.run.machine import machine_info, machine_line  # noqa: E402
+from dppo.trust_region import dppo_mask, ratio_mask  # noqa: E402
+
+BUCKETS = [(0.0, 1e-3), (1e-3, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0001)]
 EPS_LOW, EPS_HIGH, DELTA = 0.2, 0.28, 0.15
 
 
-def token_table(model, ro, update_steps: int = 0, lr: float = 2e-4):
-    """Per response token: μ, π, entropy(μ), token id, for π = ``model`` after ``update_steps`` PG-IS steps."""
-    if update_steps:
-        pi_model = ml.pg_is_updated(model, ro, lr, update_steps, seed=0)
-    else:
-        pi_model = ml.cast_copy(model, torch.float32)
-    with torch.no_grad():
-        lg = ml.response_logits(pi_model, ro)
-        logp = torch.log_softmax(lg, -1).gather(-1, ro.response[..., None]).squeeze(-1)
-        lmu_full = torch.log_softmax(ro.rollout_logits, -1)
-        ent = -(lmu_full.exp() * lmu_full).sum(-1)
-    m = ro.response_mask
-    return dict(mu=ro.rollout_logp.exp()[m], pi=logp.exp()[m], ent=ent[m], tok=ro.response[m])
+def _q(x: torch.Tensor, q: float) -> float | None:
+    return float(x.quantile(q)) if x.numel() else None
 
 
-def summarise(t: dict) -> dict:
-    mu, pi, tok, ent = t["mu"], t["pi"], t["tok"], t["ent"]
-    r = pi / mu
-    tv = (pi - mu).abs()
-    clip_hi, clip_lo = r > 1 + EPS_HIGH, r < 1 - EPS_LOW
-    clip = clip_hi | clip_lo
-    tvm = tv > DELTA
+def _frac(x: torch.Tensor) -> float | None:
+    return float(x.float().mean()) if x.numel() else None
+
+
+def summarise(mu, pi, adv, ent, tok, names) -> dict:
+    """Per μ bucket: |r−1| and |π−μ| quantiles, and the fraction of tokens each real mask blocks, per side."""
+    lp, lmu = pi.log(), mu.log()
+    clip = ratio_mask(lp, lmu, adv, EPS_LOW, EPS_HIGH) == 0
+    tvm = dppo_mask(binary_tv(lp, lmu), lp, lmu, adv, DELTA, DELTA) == 0
+    pos, neg = adv > 0, adv < 0
+    r1, d = (pi / mu - 1).abs(), (pi - mu).abs()
+    band = (pi / mu > 1 + EPS_HIGH) | (pi / mu < 1 - EPS_LOW)  # outside the clip band, whatever Â: the old count
     rows = []
     for lo, hi in BUCKETS:
         b = (mu >= lo) & (mu < hi)
-        n = int(b.sum())
-        rows.append(dict(mu_bucket=f"[{lo:g}, {min(hi, 1):g})", tokens=n,
-                         ratio_clip_frac=float(clip[b].float().mean()) if n else None,
-                         ratio_clip_high_frac=float(clip_hi[b].float().mean()) if n else None,
-                         ratio_clip_low_frac=float(clip_lo[b].float().mean()) if n else None,
-                         tv_mask_frac=float(tvm[b].float().mean()) if n else None,
-                         abs_ratio_minus_1_p99=float((r[b] - 1).abs().quantile(0.99)) if n else None,
-                         abs_diff_p99=float(tv[b].quantile(0.99)) if n else None))
+        rows.append(dict(
+            mu_bucket=f"[{lo:g}, {min(hi, 1):g})", tokens=int(b.sum()), adv_nonzero=_frac((adv != 0)[b]),
+            abs_r_minus_1_p50=_q(r1[b], 0.5), abs_r_minus_1_p99=_q(r1[b], 0.99),
+            abs_diff_p50=_q(d[b], 0.5), abs_diff_p99=_q(d[b], 0.99), abs_diff_max=float(d[b].max()) if b.any() else None,
+            outside_clip_band=_frac(band[b]), outside_tv_delta=_frac((d > DELTA)[b]),
+            ratio_mask_pos=_frac((clip & pos)[b]), ratio_mask_neg=_frac((clip & neg)[b]),
+            tv_mask_pos=_frac((tvm & pos)[b]), tv_mask_neg=_frac((tvm & neg)[b])))
+    live = adv != 0
     total = Counter(tok.tolist())
-    clipped = Counter(tok[clip].tolist())
-    top = [dict(token=ml.token_str(k), clipped=v, share_of_clipped=v / max(1, int(clip.sum())),
-                clip_rate=v / total[k], mean_mu=float(mu[clip & (tok == k)].mean()),
-                mean_entropy=float(ent[clip & (tok == k)].mean()))
-           for k, v in clipped.most_common(8)]
-    return dict(tokens=int(mu.numel()), ratio_clip_frac=float(clip.float().mean()), tv_mask_frac=float(tvm.float().mean()),
-                clipped_mean_mu=float(mu[clip].mean()) if clip.any() else None,
-                all_mean_mu=float(mu.mean()),
-                clipped_mean_entropy=float(ent[clip].mean()) if clip.any() else None,
-                all_mean_entropy=float(ent.mean()),
-                max_abs_diff=float(tv.max()), max_abs_ratio_minus_1=float((r - 1).abs().max()),
-                buckets=rows, top_clipped_tokens=top)
+    blocked = Counter(tok[clip].tolist())
+    top = [dict(token=names[k], blocked=v, share_of_blocked=v / max(1, int(clip.sum())), block_rate=v / total[k],
+                mean_mu=float(mu[clip & (tok == k)].mean()), mean_entropy=float(ent[clip & (tok == k)].mean()))
+           for k, v in blocked.most_common(8)]
+    return dict(tokens=int(mu.numel()), adv_nonzero=_frac(live),
+                ratio_mask_frac=_frac(clip), tv_mask_frac=_frac(tvm),
+                ratio_mask_frac_of_live=_frac(clip[live]), tv_mask_frac_of_live=_frac(tvm[live]),
+                ratio_blocked_mean_mu=float(mu[clip].mean()) if clip.any() else None,
+                tv_blocked_mean_mu=float(mu[tvm].mean()) if tvm.any() else None,
+                live_mean_mu=float(mu[live].mean()) if live.any() else None,
+                ratio_blocked_mean_entropy=float(ent[clip].mean()) if clip.any() else None,
+                live_mean_entropy=float(ent[live].mean()) if live.any() else None,
+                max_abs_diff=float(d.max()), max_abs_r_minus_1=float(r1.max()), buckets=rows,
+                top_ratio_blocked_tokens=top)
 
 
 def plot(tables: dict, summaries: dict, path: Path) -> None:
@@ -83,66 +86,80 @@ def plot(tables: dict, summaries: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(tables), 3, figsize=(15, 4.2 * len(tables)))
+    fig, axes = plt.subplots(len(tables), 3, figsize=(15, 4.2 * len(tables)), squeeze=False)
     for row, (name, t) in enumerate(tables.items()):
-        mu, pi = t["mu"].numpy(), t["pi"].numpy()
+        mu, pi, adv = t["mu"].numpy(), t["pi"].numpy(), t["adv"].numpy()
+        col = ["C2" if a > 0 else "C3" if a < 0 else "0.6" for a in adv]
         ax = axes[row, 0]
-        ax.scatter(mu, pi / mu, s=3, alpha=0.3)
+        ax.scatter(mu, pi / mu, s=3, alpha=0.35, c=col)
         ax.axhline(1 + EPS_HIGH, color="r", lw=0.8, ls="--")
-        ax.axhline(1 - EPS_LOW, color="r", lw=0.8, ls="--", label="ratio clip 0.8 / 1.28")
+        ax.axhline(1 - EPS_LOW, color="r", lw=0.8, ls="--", label="clip band 0.8 / 1.28")
         ax.set_xscale("log")
         ax.set_xlabel("μ(a_t) (bf16 rollout)")
         ax.set_ylabel("π/μ")
-        ax.set_title(f"{name}: ratio")
+        ax.set_title(f"{name}: ratio (green Â>0, red Â<0, grey Â=0)", fontsize=9)
         ax.legend(loc="upper right", fontsize=8)
         ax = axes[row, 1]
-        ax.scatter(mu, abs(pi - mu), s=3, alpha=0.3, color="C1")
-        ax.axhline(DELTA, color="r", lw=0.8, ls="--", label="TV mask δ = 0.15")
+        ax.scatter(mu, abs(pi - mu), s=3, alpha=0.35, c=col)
+        ax.axhline(DELTA, color="r", lw=0.8, ls="--", label="TV δ = 0.15")
         ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1e-5)
         ax.set_xlabel("μ(a_t)")
         ax.set_ylabel("|π − μ|")
-        ax.set_title(f"{name}: Binary TV")
+        ax.set_title(f"{name}: Binary TV", fontsize=9)
         ax.legend(loc="upper left", fontsize=8)
         ax = axes[row, 2]
         s = summaries[name]["buckets"]
-        xs = range(len(s))
-        w = 0.38
-        ax.bar([x - w / 2 for x in xs], [b["ratio_clip_frac"] or 0 for b in s], w, label="ratio clip would block")
-        ax.bar([x + w / 2 for x in xs], [b["tv_mask_frac"] or 0 for b in s], w, label="TV mask would block")
-        ax.set_xticks(list(xs), [f"{b['mu_bucket']}\nn={b['tokens']}" for b in s], fontsize=7)
-        ax.set_ylabel("fraction of tokens")
-        ax.set_title(f"{name}: blocked, by μ bucket")
-        ax.legend(fontsize=8)
+        xs = list(range(len(s)))
+        w = 0.2
+        for j, (key, lab) in enumerate([("ratio_mask_pos", "ratio mask, Â>0"), ("ratio_mask_neg", "ratio mask, Â<0"),
+                                         ("tv_mask_pos", "TV mask, Â>0"), ("tv_mask_neg", "TV mask, Â<0")]):
+            ax.bar([x + (j - 1.5) * w for x in xs], [b[key] or 0 for b in s], w, label=lab)
+        ax.set_xticks(xs, [f"{b['mu_bucket']}\nn={b['tokens']}" for b in s], fontsize=7)
+        ax.set_ylabel("fraction of the bucket's tokens blocked")
+        ax.set_title(f"{name}: blocked by the real masks", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     t0 = time.time()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = ml.sft_model(400)
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    probs = ml.problems(256, 4242)
-    ro = ml.rollout(ml.cast_copy(model, torch.bfloat16), probs, 8, generator=gen)
-    tables = {
-        "bf16 vs fp32, same weights": token_table(model, ro, 0),
-        "bf16 rollout vs fp32 after 4 PG-IS steps": token_table(model, ro, 4),
-    }
-    summaries = {k: summarise(v) for k, v in tables.items()}
+    tr = make_trainer(argv, "pg-is")
+    batch = first_batch(tr)
+    ro, adv = batch["ro"], batch["adv"]
+    m = ro.response_mask
+    lmu_full = ro.rollout_full_logp
+    ent = -(lmu_full.exp() * lmu_full).sum(-1)
+    mu = ro.rollout_logp.exp()
+    adv_tok = adv[:, None].expand_as(mu)
+    names = tr.tok.convert_ids_to_tokens(list(range(len(tr.tok))))
+    tables = {}
+    tables["mismatch (same weights)"] = dict(pi=tr.logp(ro).exp())
+    update(tr, batch)
+    tables["after the step's 4 PG-IS updates"] = dict(pi=tr.logp(ro).exp())
+    for t in tables.values():
+        t.update(mu=mu[m], pi=t["pi"][m], adv=adv_tok[m], ent=ent[m], tok=ro.response_ids[m])
+    summaries = {k: summarise(t["mu"], t["pi"], t["adv"], t["ent"], t["tok"], names) for k, t in tables.items()}
     img = ROOT / "docs" / "img" / "results_fig2.png"
     plot(tables, summaries, img)
-    res = dict(summaries=summaries, wall_s=time.time() - t0, command="python experiments/fig2_mismatch.py",
-               model="minilab SFT warm-up (400 steps), Qwen3 H64 L2 V512", rollouts=f"{len(probs)} prompts × 8",
-               image=str(img.relative_to(ROOT)))
+    cfg = tr.cfg
+    res = dict(summaries=summaries, wall_s=time.time() - t0, machine=machine_line(machine_info()),
+               command="python experiments/fig2_mismatch.py " + " ".join(argv),
+               model=tr.model_path, rollouts=f"{cfg.rollout.prompts_per_step} prompts × {cfg.rollout.group_size}",
+               reward_mean=float(batch["rewards"].mean()), lr=cfg.optim.lr, image=str(img.relative_to(ROOT)))
     out = ROOT / "experiments" / "results" / "fig2.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1)[:6000])
+    for k, s in summaries.items():
+        print(f"== {k}: {s['tokens']} tokens, Â≠0 {s['adv_nonzero']:.2f}; ratio mask {s['ratio_mask_frac']:.4f}, "
+              f"TV mask {s['tv_mask_frac']:.4f}")
+        for b in s["buckets"]:
+            print("  ", json.dumps({kk: (round(v, 5) if isinstance(v, float) else v) for kk, v in b.items()}))
+    print(f"{res['wall_s']:.0f} s on {res['machine']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

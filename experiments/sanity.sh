@@ -1,22 +1,46 @@
 #!/usr/bin/env bash
-# Sanity test in miniature (paper §5.1; claims 4, 7): bf16 rollout, fp32 training, 4 gradient steps per batch,
-# a fixed set of 64 problems, 3 seeds. Two settings: "paper-like" (Adam lr 1e-4) and "stress" (lr 1e-3, 8 gradient
-# steps per batch, rollout-logit noise σ = 0.5 on top of bf16 → a ~10× larger mismatch).
-# Also the anchor (claim 5), minimal negative mask (claim 6) and relax-low/high/both (claim 8) methods in the stress
-# setting, where a trust region has something to do.
+# Sanity test in miniature (paper §5.1; claims 4, 5, 6, 7, 8, 9) on the shipped trainer: `dppo compare` runs
+# `dppo train --config experiments/miniature.toml` (3-digit addition written out step by step, ~26 response tokens,
+# a 2,066-id vocabulary with a long tail, a fixed set of 128 problems the warm-up model already solves greedily,
+# bf16 rollout vs fp32 training, 4 updates per batch) once per method and seed. Each seed has its own warm-up model
+# (the seed seeds the warm-up). Settings:
+#   paper   lr 3e-5, the miniature as committed
+#   stress  the same with Gaussian noise σ on the engine's logits (--rollout_logit_noise; STRESS_NOISE, default 0.5)
+#           and lr STRESS_LR (default 1e-4): a larger mismatch and bigger steps, where a trust region has work to do
+#   extra   the anchor / minimal-mask / relax ablations (claims 5, 6, 8) in the stress setting
+#   probe   PG-IS and DPPO-Binary-TV, seed 0, 60 steps, at a few stress levels PROBE="lr:noise ..." (how the stress
+#           setting was chosen)
+# Reports: runs/results/<setting>/report.md (command, machine, wall time, table, curves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 JOBS=${JOBS:-2}
-SANITY="pg-is cispo@ratio_cap=3 grpo-clip-higher minirl dppo-binary-tv dppo-binary-kl dppo-topk-tv dppo-topk-kl"
+SEEDS=${SEEDS:-0,1,2}
+MINI=(--config experiments/miniature.toml --no-progress --no-tensorboard --no-plot)
+METHODS="pg-is cispo grpo-clip-higher minirl dppo-binary-tv dppo-binary-kl dppo-topk-tv dppo-topk-kl ipo icepop vaco"
 EXTRA="dppo-binary-kl-recompute minimal-negative-mask relax-low relax-high relax-both"
-case "${1:-all}" in
-  paper|all)
-    $PY -m dppo compare --runner minilab --methods $SANITY --seeds 0,1,2 --jobs "$JOBS" \
-      --out runs/results/sanity --title "Sanity test in miniature: bf16 rollout, lr 1e-4, 4 steps/batch" \
-      --target heldout_acc=0.9 -- --steps 80 --lr 1e-4 --grad-steps 4 --rollout-dtype bf16 ;;&
-  stress|all)
-    $PY -m dppo compare --runner minilab --methods $SANITY $EXTRA --seeds 0,1,2 --jobs "$JOBS" \
-      --out runs/results/stress --title "Stress: bf16 + logit noise 0.5 rollout, lr 1e-3, 8 steps/batch" \
-      -- --steps 40 --lr 1e-3 --grad-steps 8 --rollout-dtype bf16 --rollout-noise 0.5 ;;
+METRICS=reward,eval/accuracy,eval/greedy_accuracy,mismatch/abs_diff_mean,loss/abs_diff_mean,loss/masked_frac,entropy
+STRESS=(--rollout_logit_noise "${STRESS_NOISE:-0.5}" --lr "${STRESS_LR:-1e-4}")
+case "${1:-paper}" in
+  paper)
+    $PY -m dppo compare --methods $METHODS --seeds "$SEEDS" --jobs "$JOBS" --out runs/results/sanity \
+      --title "Sanity test in miniature: bf16 rollout, lr 3e-5, 4 updates/batch" --metrics "$METRICS" \
+      --target reward=0.9 -- "${MINI[@]}" ;;
+  stress)
+    $PY -m dppo compare --methods $METHODS --seeds "$SEEDS" --jobs "$JOBS" --out runs/results/stress \
+      --title "Stress: bf16 + logit noise ${STRESS_NOISE:-0.5}, lr ${STRESS_LR:-1e-4}, 4 updates/batch" \
+      --metrics "$METRICS" --target reward=0.9 -- "${MINI[@]}" "${STRESS[@]}" ;;
+  extra)
+    $PY -m dppo compare --methods pg-is grpo-clip-higher minirl dppo-binary-kl $EXTRA --seeds "$SEEDS" \
+      --jobs "$JOBS" --out runs/results/stress --title "Stress: anchor, minimal mask, relax ablations" \
+      --metrics "$METRICS" --target reward=0.9 -- "${MINI[@]}" "${STRESS[@]}" ;;
+  probe)
+    for setting in ${PROBE:-1e-4:0 1e-4:0.5 3e-4:0}; do
+      lr=${setting%%:*}; noise=${setting##*:}
+      $PY -m dppo compare --methods pg-is dppo-binary-tv --seeds 0 --jobs "$JOBS" \
+        --out "runs/results/probe/lr${lr}-noise${noise}" --title "Probe: lr $lr, logit noise $noise" \
+        --metrics "$METRICS" -- "${MINI[@]}" --lr "$lr" --rollout_logit_noise "$noise" --steps "${PROBE_STEPS:-60}" \
+        --eval_every 0
+    done ;;
+  *) echo "usage: $0 {paper|stress|extra|probe}" >&2; exit 2 ;;
 esac
