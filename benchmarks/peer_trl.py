@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--steps", type=int, default=50, help="e2e: optimizer steps (one rollout batch each)")
     ap.add_argument("--seeds", default="0,1,2", help="e2e: comma-separated seeds, each run by both trainers")
+    ap.add_argument("--job", choices=["toy", "long"], default="toy", help="e2e: the default job, or a 5 M-parameter "
+                    "model with a 4k vocabulary and ~35-token responses")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part in ("loss", "all"):
@@ -248,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("e2e", "all"):
         from peer_trl_e2e import run_e2e  # noqa: E402  (sibling module, needs the dppo trainer)
 
-        res = run_e2e(steps=args.steps, seeds=tuple(int(x) for x in args.seeds.split(",")))
+        res = run_e2e(steps=args.steps, seeds=tuple(int(x) for x in args.seeds.split(",")), job=args.job)
         res["env"] = machine_info()
-        (args.out / "peer_trl_e2e.json").write_text(json.dumps(res, indent=1, default=str))
+        name = "peer_trl_e2e.json" if args.job == "toy" else f"peer_trl_e2e_{args.job}.json"
+        (args.out / name).write_text(json.dumps(res, indent=1, default=str))
         print(json.dumps(res["summary"], indent=1, default=str))
     return 0
 

@@ -1,7 +1,11 @@
 """End-to-end half of benchmarks/peer_trl.py: ``dppo train`` vs ``trl.GRPOTrainer`` on the same job.
 
-Matched: the model (dppo's cached SFT warm-up tiny Qwen3 directory, loaded by both), the task (dppo's bundled
-arithmetic at the dppo run's task_digits, exact-match reward), prompts per step (32), group size (8), generation length (the run config's task_digits + 2 tokens: 4 at the default 2),
+Two jobs (``--job``): ``toy``, the default job (0.74 M parameters, a 16-token vocabulary, 4-token answers); and
+``long``, a 5 M-parameter Qwen3 (hidden 256, 4 layers) with a vocabulary padded to 4,096 ids and the addition-steps
+task at 4 digits (long addition written out: ~35-token responses), 16 prompts × 8 per step.
+
+Matched: the model (dppo's cached SFT warm-up directory of the job, loaded by both), the task (the dppo run's task
+and digits, its exact reward), prompts per step, group size (8), generation length (the task's hint),
 sampling (T = 1, no top-k/top-p, fp32 rollout on both sides: TRL's HF generate has no bf16 engine), one optimizer
 step per rollout batch, AdamW lr 2e-4 (β 0.9/0.999, wd 0), grad-norm clip 1.0, constant lr, no KL term, advantages
 R − mean(group) without std scaling, and the loss: dppo ``grpo`` (ε 0.2, seq-mean-token-sum-norm) = TRL ``dr_grpo``
@@ -21,10 +25,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-P, G, LR = 32, 8, 2e-4
+G, LR = 8, 2e-4
+# `dppo train` options of each job beyond the matched ones; prompts per step P.
+JOBS = {
+    "toy": dict(P=32, args=[]),
+    "long": dict(P=16, args=["--task", "addition-steps", "--task_digits", "4", "--vocab_pad", "4096", "--hidden", "256",
+                             "--layers", "4", "--heads", "4", "--warmup_steps", "400", "--warmup_noise", "0.5",
+                             "--eval_per_level", "20"]),
+}
 
 
-def _child_dppo(out: str, steps: int, seed: int) -> dict:
+def _child_dppo(out: str, steps: int, seed: int, job: str = "toy") -> dict:
     import resource
 
     import torch
@@ -34,9 +45,9 @@ def _child_dppo(out: str, steps: int, seed: int) -> dict:
 
     t0 = time.perf_counter()
     rc = main(["train", "--out", out, "--steps", str(steps), "--seed", str(seed), "--method", "grpo",
-               "--prompts_per_step", str(P), "--group_size", str(G), "--minibatches", "1", "--lr", str(LR),
-               "--rollout_dtype", "fp32", "--threads", "1", "--eval_every", "0", "--no-progress", "--no-tensorboard",
-               "--no-plot", "--ckpt_every", "0"])
+               "--prompts_per_step", str(JOBS[job]["P"]), "--group_size", str(G), "--minibatches", "1", "--lr",
+               str(LR), "--rollout_dtype", "fp32", "--threads", "1", "--eval_every", "0", "--no-progress",
+               "--no-tensorboard", "--no-plot", "--ckpt_every", "0", *JOBS[job]["args"]])
     wall = time.perf_counter() - t0
     recs = [json.loads(l) for l in Path(out, "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps_ = [r for r in recs if "reward" in r]
@@ -45,7 +56,8 @@ def _child_dppo(out: str, steps: int, seed: int) -> dict:
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, config=cfg)
 
 
-def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int) -> dict:
+def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int, task_name: str = "arithmetic",
+               prompts: int = 32, eval_per_level: int = 100) -> dict:
     import resource
 
     import torch
@@ -55,14 +67,15 @@ def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from dppo.tasks import make_task
+    from dppo.tasks import Example, make_task
 
-    task = make_task("arithmetic", digits=digits)  # the same task (levels 1..digits) as the dppo run's config
+    P = prompts
+    task = make_task(task_name, digits=digits, eval_per_level=eval_per_level)  # the dppo run's task: same prompts
     rows = [dict(prompt=e.prompt, answer=e.answer) for s in range(steps) for e in task.train_examples(s, P, seed)]
     ds = Dataset.from_list(rows)
 
-    def reward(completions, answer, **_):
-        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+    def reward(completions, prompts, answer, **_):  # the task's own reward, as dppo scores it
+        return [float(task.reward(Example(p, a), c)) for c, p, a in zip(completions, prompts, answer)]
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -92,10 +105,12 @@ def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int) -> 
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "", digits: int = 0) -> dict:
+def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "", digits: int = 0, job: str = "toy",
+           task_name: str = "arithmetic", eval_per_level: int = 100) -> dict:
+    extra = (f",{model_dir!r},{digits},{task_name!r},{JOBS[job]['P']},{eval_per_level}" if kind == "trl"
+             else f",{job!r}")
     code = (f"import json,sys; sys.path.insert(0,{str(ROOT / 'src')!r}); sys.path.insert(0,{str(ROOT / 'benchmarks')!r});"
-            f"import peer_trl_e2e as m; r=m._child_{kind}({out!r},{steps},{seed}"
-            + (f",{model_dir!r},{digits}" if kind == "trl" else "") + "); print('RESULT'+json.dumps(r))")
+            f"import peer_trl_e2e as m; r=m._child_{kind}({out!r},{steps},{seed}{extra}); print('RESULT'+json.dumps(r))")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
@@ -104,18 +119,17 @@ def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "", digi
     return json.loads(line[-1][6:])
 
 
-def _one_seed(steps: int, seed: int, tmp: str) -> dict:
-    d = _spawn("dppo", os.path.join(tmp, f"dppo{seed}"), steps, seed)
-    model_dir = d["config"].get("model") or ""
-    if not model_dir:  # the warm-up directory the run used
-        from dppo.run.config import make_config
-        from dppo.run.warmup import warm_start_for
+def _one_seed(steps: int, seed: int, tmp: str, job: str = "toy") -> dict:
+    d = _spawn("dppo", os.path.join(tmp, f"dppo{job}{seed}"), steps, seed, job=job)
+    from dppo.run.config import config_dict, load_config
+    from dppo.run.warmup import warm_start_for
 
-        model_dir = warm_start_for(make_config(seed=seed), log=lambda *a: None)
-    if d["config"].get("task", "arithmetic") != "arithmetic":
-        raise RuntimeError("the e2e peer benchmark expects the default arithmetic task")
-    digits = int(d["config"]["task_digits"])
-    t = _spawn("trl", os.path.join(tmp, f"trl{seed}"), steps, seed, model_dir, digits)
+    cfg = load_config(os.path.join(tmp, f"dppo{job}{seed}", "config.json"))
+    model_dir = cfg.model.path or warm_start_for(cfg, log=lambda *a: None)  # the warm-up directory the run used
+    c = config_dict(cfg)
+    digits, task_name = int(c["task.digits"]), c["task.name"]
+    t = _spawn("trl", os.path.join(tmp, f"trl{job}{seed}"), steps, seed, model_dir, digits, job=job, task_name=task_name,
+               eval_per_level=int(c["task.eval_per_level"]))
     k = max(1, steps // 4)
 
     def med(x):  # median step time, first step (warm-up of lazy init) excluded
@@ -126,16 +140,16 @@ def _one_seed(steps: int, seed: int, tmp: str) -> dict:
                     reward_first_mean=statistics.mean(r["rewards"][:k]),
                     reward_last_mean=statistics.mean(r["rewards"][-k:]), rewards=r["rewards"])
 
-    res = dict(seed=seed, task_digits=digits, model_dir=model_dir, dppo=side(d), trl=side(t))
+    res = dict(seed=seed, job=job, task=task_name, task_digits=digits, model_dir=model_dir, dppo=side(d), trl=side(t))
     res["ratio_step_time_dppo_over_trl"] = res["dppo"]["median_step_s"] / res["trl"]["median_step_s"]
     res["ratio_peak_rss_dppo_over_trl"] = res["dppo"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"]
     return res
 
 
-def run_e2e(steps: int = 50, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+def run_e2e(steps: int = 50, seeds: tuple[int, ...] = (0, 1, 2), job: str = "toy") -> dict:
     """Both trainers, seed by seed (dppo then TRL, never concurrently); ratios are per seed, then summarised."""
     tmp = tempfile.mkdtemp(prefix="peer_e2e_")
-    runs = [_one_seed(steps, s, tmp) for s in seeds]
+    runs = [_one_seed(steps, s, tmp, job) for s in seeds]
     k = max(1, steps // 4)
 
     def ms(xs):
@@ -150,8 +164,10 @@ def run_e2e(steps: int = 50, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
            for key in ("reward_first_mean", "reward_last_mean", "median_step_s", "peak_rss_mb")},
     )
     return dict(
-        steps=steps, seeds=list(seeds), prompts_per_step=P, group_size=G, lr=LR, summary=summary, runs=runs,
-        command=f"python benchmarks/peer_trl.py --part e2e --steps {steps} --seeds {','.join(map(str, seeds))}",
+        job=job, dppo_args=JOBS[job]["args"], steps=steps, seeds=list(seeds), prompts_per_step=JOBS[job]["P"],
+        group_size=G, lr=LR, summary=summary, runs=runs,
+        command=f"python benchmarks/peer_trl.py --part e2e --job {job} --steps {steps} "
+                f"--seeds {','.join(map(str, seeds))}",
         note=(f"reward_first_mean / reward_last_mean = mean training reward over the first / last {k} steps. "
               "wall_s includes model loading and (dppo) the cached warm-up lookup; median_step_s excludes the first "
               "step. Each side runs alone in its own process with one torch thread."),

@@ -300,3 +300,16 @@ def test_addition_steps_task_trains(tmp_path, cache_dir):
     for r in rows[1:]:
         assert 0 <= r["reward"] <= 1 and 5 <= r["response_len"] <= 22  # 10·2 + 2 tokens at most
     assert json.loads((out / "config.json").read_text())["task"]["name"] == "addition-steps"
+
+
+def test_leave_one_out_baseline_reaches_the_advantages(tmp_path, cache_dir, monkeypatch):
+    """--adv_baseline leave-one-out (RLOO): Â_i = R_i − mean of the other G−1 = G/(G−1)·(R_i − group mean), on the
+    same rollout as the default baseline."""
+    from dppo.run.trainer import Trainer
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "data"))
+    recs = [Trainer(tiny_cfg(tmp_path / b, cache_dir, adv_baseline=b, reward="my_rewards:share_of_ones"),
+                    log=lambda m: None).step(0) for b in ("mean", "leave-one-out")]
+    g = TINY["group_size"]
+    assert recs[0]["reward"] == recs[1]["reward"] and recs[0]["adv_abs_mean"] > 0
+    assert recs[1]["adv_abs_mean"] == pytest.approx(recs[0]["adv_abs_mean"] * g / (g - 1), rel=1e-6)

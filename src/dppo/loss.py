@@ -121,7 +121,7 @@ def aggregate(
     * ``"token-mean"``:  Σ_{b,t} ℓ·m / Σ_{b,t} m  (DAPO; every token of the batch weighs the same)
     * ``"seq-mean-token-mean"``: Σ_b (Σ_t ℓ·m / Σ_t m) / #{b : Σ_t m > 0}  (original GRPO)
     * ``"seq-mean-token-sum-norm"``: Σ_{b,t} ℓ·m / (B · L), L = ``max_len_norm`` or T  (Dr.GRPO; the paper's
-      authors' setup, paper-notes §2)
+      authors' setup: loss_agg_mode=seq-mean-token-sum-norm in their verl recipe, examples/dppo_trainer)
     * ``"sum"``: Σ_{b,t} ℓ·m
 
     ``denominator``: None = this batch's own (:func:`aggregation_denominator`); a micro-batch of a larger batch

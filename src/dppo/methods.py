@@ -91,7 +91,7 @@ class Method:
             (open-instruct PR #1755's ``moving_away``).
         loss_form: ``"is"`` = −Â·sg(min(r, C))·M·log π (Eq. 23); ``"ppo_clip"`` = the PPO min(r·Â, clip(r)·Â) form
             on r = π/anchor (same gradient, needs ``estimator="ratio"``); ``"drpo"`` = DRPO's smooth penalty
-            −Â·r + |Â|·μ·(r−1)²/(2δ) with δ = ``drpo_delta`` (paper-notes §8).
+            −Â·r + |Â|·μ·(r−1)²/(2δ) with δ = ``drpo_delta`` (DRPO, arXiv 2606.09821).
         drpo_delta: δ of DRPO, in Binary-TV units: the gradient weight 1 − sign(Â(r−1))·|π−μ|/δ reaches 0 at |π−μ| = δ.
         kl_coef: τ of a penalty τ·(log π(a_t) − log μ(a_t))² added on every response token, masked or not (the
             Kimi-K2.5 term, arXiv 2602.02276, as prime-rl's IPO ``kl_tau`` applies it; 0 = off). Its gradient is
@@ -295,8 +295,8 @@ PRESETS: dict[str, Method] = {
                                    loss_form="ppo_clip", ratio_cap=_C_SCALING),
     # CISPO in the scaling runs (§7, App. E): C = 5.
     "cispo-scaling": _m("cispo-scaling", estimator="none", ratio_cap=_C_SCALING),
-    # --- Follow-ups (paper-notes §8). ---
-    # DRPO (arXiv 2606.09821; paper-notes §8): smooth Binary-TV penalty, no mask, no cap. δ = 0.15 is our choice so
+    # --- Follow-ups of the paper: DRPO (arXiv 2606.09821) and TRM (arXiv 2512.23075). ---
+    # DRPO (arXiv 2606.09821): smooth Binary-TV penalty, no mask, no cap. δ = 0.15 is our choice so
     # the weight reaches 0 exactly on DPPO-Binary-TV's boundary; DRPO's own "12.5" is in another parameterisation.
     "drpo": _m("drpo", estimator="none", loss_form="drpo", drpo_delta=0.15),
     # TRM (arXiv 2512.23075): PG-IS with a sequence mask on the max token Binary-KL; δ = 0.05 mirrors DPPO-KL's δ

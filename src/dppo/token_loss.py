@@ -9,7 +9,7 @@ For every method and loss form, token t's loss depends on the policy only throug
     S_t   = sequence gate (precomputed, per token)               TRM / VACO
     ℓ_t   = −Â_t · sg(min(r_t, C)) · M_t · S_t · B_t · x_t                               "is" (Eq. 23), value −Â·min(r,C)·M·S·B
           = −sg(min(r_t, C)/ρ_t) · S_t · B_t · min(ρ_t Â_t, clip(ρ_t, 1−ε_l, 1+ε_h) Â_t)  "ppo_clip", ρ_t = π/anchor
-          = (−Â_t ρ_t + |Â_t|·anchor(a_t)·(ρ_t − 1)²/(2δ)) · M_t · S_t                  "drpo" (paper-notes §8)
+          = (−Â_t ρ_t + |Â_t|·anchor(a_t)·(ρ_t − 1)²/(2δ)) · M_t · S_t                  "drpo" (DRPO, arXiv 2606.09821)
           (+ κ · (x_t − log μ(a_t))²  on every response token when kl_coef κ > 0: IPO's penalty)
 
 Because ℓ_t depends on token t alone, ∂L/∂x_t = w_t · ∂ℓ_t/∂x_t for L = Σ_t w_t ℓ_t (the aggregation weights of
@@ -151,7 +151,7 @@ def token_loss(m: Method, logp: Tensor, ctx: TokenContext) -> TokenTerms:
         surrogate = torch.minimum(rho * adv, clipped * adv)
         loss = -(weight / rho.detach()) * surrogate * gate
     else:  # drpo
-        # −Â·ρ + |Â|·anchor·(ρ−1)²/(2δ); ∂/∂log π = −Â·ρ·(1 − sign(Â)(π − anchor)/δ) (paper-notes §8).
+        # −Â·ρ + |Â|·anchor·(ρ−1)²/(2δ); ∂/∂log π = −Â·ρ·(1 − sign(Â)(π − anchor)/δ) (DRPO, arXiv 2606.09821).
         rho = torch.exp((lp - anchor).clamp(max=MAX_LOG_RATIO))
         penalty = adv.abs() * torch.exp(anchor) * (rho - 1.0) ** 2 / (2.0 * m.drpo_delta)
         loss = (-adv * rho + penalty) * (mask * gate)

@@ -155,6 +155,9 @@ class MethodConfig:
     adv_scale: Annotated[Literal["none", "group-std", "batch-std"], _a("adv_scale")] = "none"
     """advantage = R − group mean, divided by nothing (paper §2: GRPO without std normalisation), the group std or
     the batch std"""
+    adv_baseline: Annotated[Literal["mean", "leave-one-out"], _a("adv_baseline")] = "mean"
+    """the baseline subtracted from each reward: the group mean (paper §2, GRPO) or the mean of the other G−1 rewards
+    of the group (RLOO, leave-one-out)"""
 
 
 @dataclass

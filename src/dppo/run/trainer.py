@@ -180,7 +180,8 @@ class Trainer:
         # [dist] the whole batch's rows in prompt order, on every process (this process's rows are a share of them)
         rewards, correct, mask, finished = self.dist.gather_rows(rewards, correct, ro.response_mask, finished)
         (n_bad,) = self.dist.sum(n_bad)
-        adv = group_advantages(rewards, cfg.rollout.group_size, scale=cfg.method.adv_scale).to(cfg.device)
+        adv = group_advantages(rewards, cfg.rollout.group_size, scale=cfg.method.adv_scale,
+                               baseline=cfg.method.adv_baseline).to(cfg.device)
         batch = Batch.from_rollout(ro, adv[self.dist.share(len(adv))], cfg.rollout.group_size)
         t_rollout = time.perf_counter() - t0
         if self.should_stop():
