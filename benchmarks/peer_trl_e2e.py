@@ -29,9 +29,10 @@ G, LR = 8, 2e-4
 # `dppo train` options of each job beyond the matched ones; prompts per step P.
 JOBS = {
     "toy": dict(P=32, args=[]),
+    # one warm-up model for every seed (--warmup_seed 0): the seeds vary the RL run, not the starting policy
     "long": dict(P=16, args=["--task", "addition-steps", "--task_digits", "4", "--vocab_pad", "4096", "--hidden", "256",
-                             "--layers", "4", "--heads", "4", "--warmup_steps", "400", "--warmup_noise", "0.5",
-                             "--eval_per_level", "20"]),
+                             "--layers", "4", "--heads", "4", "--warmup_steps", "1000", "--warmup_noise", "0.3",
+                             "--warmup_seed", "0", "--eval_per_level", "20"]),
 }
 
 
