@@ -21,6 +21,7 @@ token (0 for the binary methods, 20 for Top-K).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout_throughput.py     (≈ 15 min idle; needs vllm)
      --models 10M reruns one model and keeps the other's rows in the results file.
+     --device cuda --engines hf   the HF engine on a GPU (results/rollout_throughput_cuda.json; tokens per wall s)
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def models(tmp: str):
     return out
 
 
-def make(engine: str, model, path: str, dtype: str, k: int):
+def make(engine: str, model, path: str, dtype: str, k: int, device: str = "cpu"):
     if engine == "hf":
-        return HFEngine(model, eos_token_id=[], pad_token_id=0, dtype=dtype, batch_size=256)
+        return HFEngine(model.to(device), eos_token_id=[], pad_token_id=0, dtype=dtype, batch_size=256)
     from dppo.engines.vllm import VLLMEngine
 
     return VLLMEngine(path, eos_token_id=[], pad_token_id=0, dtype=dtype, max_logprobs=max(20, k), max_model_len=128,
@@ -95,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="default,10M", help="a subset reruns those; the others' rows are kept")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (10M model: 1)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the HF engine only: vLLM's CPU build here)")
     a = ap.parse_args(argv)
+    global RESULTS
+    if a.device != "cpu":
+        RESULTS = RESULTS.with_name(f"rollout_throughput_{a.device.split(':')[0]}.json")
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     rows = []
@@ -108,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             for engine in a.engines.split(","):
                 for dtype, ks in (("bf16", (0, 20)), ("fp32", (0,))):
                     t = time.perf_counter()
-                    eng = make(engine, model, path, dtype, max(ks))
+                    eng = make(engine, model, path, dtype, max(ks), a.device)
                     start = time.perf_counter() - t
                     for new_tokens in lengths:
                         for k in ks:
                             r = dict(model=name, params=n_params, vocab=model.config.vocab_size, engine=engine,
                                      dtype=dtype, new_tokens=new_tokens, k=k, start_s=start,
-                                     **measure(eng, ids, mask, new_tokens, k,
+                                     **measure(eng, ids.to(a.device), mask.to(a.device), new_tokens, k,
                                                1 if name == "10M" else a.repeats))
                             rows.append(r)
                             print(json.dumps(r), file=sys.stderr, flush=True)

@@ -191,6 +191,7 @@ def _children_cpu_s() -> float:
 
 
 MAX_WAIT_S = 300.0  # --max-wait
+MEM_TIMEOUT_S = 1800  # one memory subprocess (one cold forward + backward)
 
 
 def wait_idle(max_wait_s: float | None = None, threshold: float = 0.3) -> float:
@@ -258,15 +259,22 @@ def full(plan: list[tuple[str, int, int]]) -> dict:
         for case in CASES:
             prev = last_naive.get(dtype)
             if case == "naive" and prev is not None:
-                # The naive peak is N·V-dominated: scale the last measured one linearly, plus the inputs.
+                # The naive peak is N·V-dominated: scale the last measured one linearly, plus the inputs; the same
+                # for its time (a run past the subprocess timeout would be lost anyway).
                 est_mb = (prev["peak_mb"] + prev["base_rss_mb"]) * n / prev["n"]
+                est_s = prev["wall_s"] * n / prev["n"]
+                msg = None
                 if est_mb > 0.85 * _mem_available_mb():
                     msg = (f"not run: est. {est_mb / 1024:.0f} GB (peak measured at N={prev['n']} scaled "
                            f"linearly, with inputs) > 85% of the {_mem_available_mb() / 1024:.1f} GB available")
+                elif est_s > MEM_TIMEOUT_S:
+                    msg = (f"not run: est. {est_s / 60:.0f} min (wall time at N={prev['n']} scaled linearly) > the "
+                           f"{MEM_TIMEOUT_S / 60:.0f} min limit")
+                if msg:
                     print(f"  {dtype} N={n:>5} {case:>9}: {msg}", flush=True)
-                    row["cases"][case] = {"status": msg, "est_gb": round(est_mb / 1024, 1)}
+                    row["cases"][case] = {"status": msg, "est_gb": round(est_mb / 1024, 1), "est_s": round(est_s)}
                     continue
-            r = _spawn(["--mem", case, "--n", str(n), "--dtype", dtype])
+            r = _spawn(["--mem", case, "--n", str(n), "--dtype", dtype], timeout=MEM_TIMEOUT_S)
             row["cases"][case] = r
             if r["status"] == "ok":
                 ran.append(case)
@@ -309,10 +317,11 @@ def full(plan: list[tuple[str, int, int]]) -> dict:
 
 
 def markdown(data: dict) -> str:
+    """Per case: wall time / process CPU time / peak extra memory; ratios of the fused Top-K DPPO path."""
     lines = [
-        "| dtype | N | naive: time / peak | token_stats + policy_loss | **fused** (Top-K DPPO) | fused PPO path | "
-        "fused/naive time | fused/naive mem | fused/PPO time | fused/PPO mem | fused/stats time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | N | naive | token_stats + policy_loss | **fused** (Top-K DPPO) | fused PPO path | "
+        "fused/naive: wall, CPU, mem | fused/PPO: wall, CPU, mem | fused/stats: wall, CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(r):
@@ -320,18 +329,17 @@ def markdown(data: dict) -> str:
             return "–"
         if r.get("status") != "ok":
             return r["status"].split(" (")[0]
-        return f"{r['time_s']:.2f} s (n={r['reps']}) / {r['peak_mb'] / 1024:.2f} GB"
+        return f"{r['time_s']:.1f} s / {r['cpu_s']:.1f} s (n={r['reps']}) / {r['peak_mb'] / 1024:.2f} GB"
 
-    def ratio(row, key, field):
-        return f"{row[key][field]:.2f}" if key in row else "–"
+    def ratio(row, key, fields):
+        return ", ".join(f"{row[key][f]:.2f}" for f in fields) if key in row else "–"
 
     for row in data["rows"]:
         c = [cell(row["cases"].get(k)) for k in CASES]
         lines.append(
             f"| {row['dtype']} | {row['n']} | {c[0]} | {c[1]} | {c[2]} | {c[3]} | "
-            f"{ratio(row, 'fused/naive', 'time')} | {ratio(row, 'fused/naive', 'mem')} | "
-            f"{ratio(row, 'fused/fused_ppo', 'time')} | {ratio(row, 'fused/fused_ppo', 'mem')} | "
-            f"{ratio(row, 'fused/stats', 'time')} |"
+            f"{ratio(row, 'fused/naive', ('time', 'cpu', 'mem'))} | "
+            f"{ratio(row, 'fused/fused_ppo', ('time', 'cpu', 'mem'))} | {ratio(row, 'fused/stats', ('time', 'cpu'))} |"
         )
     return "\n".join(lines)
 
@@ -351,6 +359,8 @@ def main() -> None:
     ap.add_argument("--plan", default=DEFAULT_PLAN, help="dtype:NxREPS,...;dtype:... (REPS 0 = one cold iteration)")
     ap.add_argument("--dtypes", default="fp32", help="--tune only")
     ap.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for an idle machine per run")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the existing results JSON that this plan does not measure")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     global MAX_WAIT_S
@@ -376,12 +386,23 @@ def main() -> None:
     from dppo.run.machine import machine_info, machine_line
 
     data["machine"] = f"{machine_line(machine_info())}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}"
-    cmd = "OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/token_stats.py"
+    cmd = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')} nice .venv/bin/python benchmarks/token_stats.py"
     data["command"] = cmd + (f' --plan "{a.plan}"' if a.plan != DEFAULT_PLAN else "") + (
         f" --max-wait {a.max_wait:g}" if a.max_wait != 300 else "")
     data["plan"] = a.plan
     data["shape"] = {"H": H, "V": V, "K": K, "seq_len": SEQ, "temperature": 1.0}
     data["total_s"] = round(time.perf_counter() - t0, 1)
+    if a.merge and RESULTS.exists():  # one table from several runs: each row keeps the run it came from
+        old = json.loads(RESULTS.read_text())
+        new_keys = {(r["dtype"], r["n"]) for r in data["rows"]}
+        for r in data["rows"]:
+            r["run"] = {k: data[k] for k in ("machine", "command", "total_s")}
+        kept = [r | {"run": r.get("run", {k: old[k] for k in ("machine", "command", "total_s")})}
+                for r in old["rows"] if (r["dtype"], r["n"]) not in new_keys]
+        order = {"fp32": 0, "bf16": 1}
+        data["rows"] = sorted(kept + data["rows"], key=lambda r: (order.get(r["dtype"], 2), r["n"]))
+        data["command"] = "; ".join(dict.fromkeys(r["run"]["command"] for r in data["rows"]))
+        data["total_s"] = sum({r["run"]["command"]: r["run"]["total_s"] for r in data["rows"]}.values())
     print(markdown(data))
     if not a.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -252,3 +252,24 @@ def test_bad_input_is_named():
         policy_loss_from_hidden("pg-is", b["hidden"], b["weight"], b["response_ids"], b["rollout_logp"],
                                 b["advantages"], b["response_mask"][:, :2])
     assert math.isfinite(fused("pg-is", b)[0].item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["dppo-binary-tv", "dppo-topk-tv", "grpo-clip-higher", "icepop"])
+def test_cuda_matches_cpu(name):
+    """The fused path on a CUDA device (fp32, TF32 off) against token_stats + policy_loss on the CPU."""
+    b = make(name, dtype=torch.float32, seed=3)
+    ref_loss, ref_met = reference(name, b, chunk_size=7)
+    dev = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+           for k, v in b.items()}
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        loss, met = fused(name, dev, chunk_size=7)
+        got = grads(loss, dev)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
+    check_metrics(met, ref_met, 1e-5)
+    for x, y in zip(got, grads(ref_loss, b)):
+        assert x.is_cuda and max_rel(x.cpu(), y) < 1e-5

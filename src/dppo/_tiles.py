@@ -17,12 +17,20 @@ from torch import Tensor
 # 512 MB 2.07 s. Small tiles make every tile's GEMM stream all of W for few tokens (memory-bound below ~100 tokens
 # in bf16); big ones cost page faults and cache misses. 128 MB = 220 tokens at V = 151,936.
 DEFAULT_TILE_BYTES = 128 * 2**20
+# On a CUDA GPU the GEMMs are fast and the per-tile elementwise passes and launches dominate, so tiles are larger.
+# Measured on an H200 (benchmarks/token_stats_cuda.py, H = 1536, V = 151,936): the fused Top-K DPPO loss took
+# 293.6 ms with 128 MB tiles and 102.3 ms with 1 GB tiles at bf16 N = 16,384 (801 → 517 ms in fp32), for ~2 GB more
+# peak memory (still ~1 % of the naive path's [N, V] tensors at that N). 1 GB = 1,767 tokens at V = 151,936.
+DEFAULT_TILE_BYTES_CUDA = 2**30
 
 
-def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
-    """Tokens per forward tile so that one tile of accumulation-dtype logits is ~DEFAULT_TILE_BYTES."""
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+                       ) -> int:
+    """Tokens per forward tile so that one tile of accumulation-dtype logits is ~DEFAULT_TILE_BYTES (CPU) or
+    ~DEFAULT_TILE_BYTES_CUDA (a CUDA device)."""
     elem = 8 if dtype == torch.float64 else 4
-    return max(1, DEFAULT_TILE_BYTES // (elem * max(1, vocab_size)))
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return max(1, (DEFAULT_TILE_BYTES_CUDA if cuda else DEFAULT_TILE_BYTES) // (elem * max(1, vocab_size)))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,6 +54,8 @@ class _Workspace:
         self.acc = torch.empty(numel, dtype=acc, device=device)
         self.low = torch.empty(numel, dtype=low, device=device) if low != acc else None
         self.extra = torch.empty(numel, dtype=acc, device=device) if extra else None
+        # CPU bf16/fp16: a transposed copy of dz for the dh GEMM (see grad_input)
+        self.low_t = torch.empty(numel, dtype=low, device=device) if low != acc and device.type == "cpu" else None
 
     def logits(self, x: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
         """Temperature-scaled logits of one tile in the accumulation dtype (GEMM in the input dtype, then upcast)."""
@@ -65,6 +75,37 @@ class _Workspace:
     def to_low(self, dz: Tensor) -> Tensor:
         """dz cast to the GEMM dtype (into the buffer the tile's low-precision logits used)."""
         return dz if self.low is None else self.low[: dz.numel()].view(dz.shape).copy_(dz)
+
+    def grad_input(self, dz: Tensor, w: Tensor, out: Tensor) -> Tensor:
+        """out = dz · w, [c, V']·[V', H] → [c, H]: the hidden-state gradient of a tile (dz in the GEMM dtype).
+
+        torch's CPU GEMM for bf16/fp16 on CPUs without a native bf16 matmul (its fallback kernel) is ~70× slower
+        when the left factor is row-major than when it is a transposed view: [32, 151936]·[151936, 1536] took 40.6 s
+        against 0.6 s single-threaded (AMD EPYC, AVX2, torch 2.13). So on CPU the low-precision dz is first copied
+        into a [V', c] buffer (a few % of the GEMM's time) and multiplied as its transpose. The dW GEMM (dzᵀ·h)
+        already has the fast layout (its left factor is a transposed view).
+        """
+        if self.low_t is None or dz.dtype == self.acc.dtype:
+            return torch.mm(dz, w, out=out)
+        t = self.low_t[: dz.numel()].view(dz.shape[1], dz.shape[0]).copy_(dz.t())
+        return torch.mm(t.t(), w, out=out)
+
+    def grad_weight(self, dz: Tensor, x: Tensor, out: Tensor, accumulate: bool) -> Tensor:
+        """out = dzᵀ·x (or out += dzᵀ·x), [c, V']ᵀ·[c, H] → [V', H]: the weight gradient of a tile.
+
+        torch's CPU bf16/fp16 GEMM (the same fallback kernel) builds its output in an fp32 temporary of the whole
+        output's size: +892 MB for one [151936, 1536] bf16 ``addmm_`` (measured). On CPU the rows are therefore done
+        in slices of at most one tile's element count, so that temporary stays within a tile.
+        """
+        rows = out.shape[0]
+        step = rows if self.low_t is None or dz.dtype == self.acc.dtype else max(1, self.acc.numel() // out.shape[1])
+        for r0 in range(0, rows, step):
+            a = dz[:, r0 : r0 + step].t()
+            if accumulate:
+                out[r0 : r0 + step].addmm_(a, x)
+            else:
+                torch.mm(a, x, out=out[r0 : r0 + step])
+        return out
 
 
 def _tile_stats(

@@ -115,12 +115,11 @@ class _FusedLoss(torch.autograd.Function):
                 db += dz.sum(0)
             dzl = ws.to_low(dz)
             if need_h:
-                torch.mm(dzl, weight, out=dh[s0:s1])
+                ws.grad_input(dzl, weight, dh[s0:s1])
             if need_w:
-                if dw is None:
-                    dw = torch.mm(dzl.t(), h[s0:s1])
-                else:
-                    dw.addmm_(dzl.t(), h[s0:s1])
+                first = dw is None
+                dw = torch.empty_like(weight) if first else dw
+                ws.grad_weight(dzl, h[s0:s1], dw, accumulate=not first)
         del ws
         # The loss value and the per-token terms on the whole [B, T] batch, computed exactly as policy_loss does
         # (O(N) work); padding positions get log 0.5 as a finite stand-in (their weight and metrics mask are 0, and a
@@ -204,7 +203,8 @@ def policy_loss_from_hidden(
             estimators (whether a_t is among the ids is derived from them).
         entropy: also report the mean entropy of π_θ(·|s_t) over the response tokens (metric ``entropy``; one
             multiply-add pass per tile; no gradient).
-        chunk_size: tokens per tile; default :func:`dppo._tiles.default_chunk_size` (128 MB of fp32 logits).
+        chunk_size: tokens per tile; default :func:`dppo._tiles.default_chunk_size` (128 MB of fp32 logits; 1 GB
+            on a CUDA device).
     Returns:
         (loss, metrics) as :func:`dppo.policy_loss` (+ ``entropy``). ``loss.backward()`` scales the gradients the
         forward already computed. Memory: the gradients dW (W's dtype) and dh, one tile of logits (fp32, plus a
@@ -257,7 +257,7 @@ def policy_loss_from_hidden(
     need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
     rows = None if bool(resp.all()) else resp.reshape(-1).nonzero().squeeze(1)
-    plan = _Plan(m, tgt, gids, tc, w, rows, temperature, chunk_size or default_chunk_size(v, hidden.dtype),
+    plan = _Plan(m, tgt, gids, tc, w, rows, temperature, chunk_size or default_chunk_size(v, hidden.dtype, hidden.device),
                  bool(entropy), need)
     h2 = hidden.reshape(b_ * t_, hidden.shape[-1])
     loss = _FusedLoss.apply(h2, weight, bias, plan) if any(need) else _FusedLoss.forward(_NoCtx(), h2, weight, bias,
