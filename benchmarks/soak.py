@@ -10,7 +10,10 @@ of steps over the mean of steps 100–200).
     .venv/bin/python benchmarks/soak.py --steps 2000 --out runs/soak     # ~1 h on 2 cores
     .venv/bin/python benchmarks/soak.py --steps 300 --out runs/soak-short
 
-Writes ``OUT/soak.json`` (per-step samples and the summary) and prints the summary.
+Writes ``OUT/soak.json`` (per-step samples and the summary) and prints the summary. Each sample is also appended to
+``OUT/soak_samples.jsonl`` as it is taken, so a soak that is killed keeps its figure:
+
+    .venv/bin/python benchmarks/soak.py --summarize runs/soak      # the summary of what a killed soak recorded
 """
 
 from __future__ import annotations
@@ -37,11 +40,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", default="runs/soak")
     ap.add_argument("--from_step", type=int, default=100, help="growth is measured from this step to the end")
+    ap.add_argument("--summarize", metavar="OUT", help="only summarise OUT/soak_samples.jsonl (a killed soak)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        with open(os.path.join(args.summarize, "soak_samples.jsonl")) as f:
+            samples = [json.loads(line) for line in f if line.strip()]
+        summary = summarize(samples, args.from_step, None, "killed soak: summarised from soak_samples.jsonl")
+        print(json.dumps({k: v for k, v in summary.items() if k != "py_objects"}, indent=1))
+        return 0
 
     import dppo.run.loop as loop
     from dppo.run.config import make_config
-    from dppo.run.machine import machine_info, machine_line
 
     samples: list[dict] = []
     real_write = loop.MetricsLog.write
@@ -55,6 +64,8 @@ def main(argv=None) -> int:
         if record["step"] % 100 == 0:
             s["py_objects"] = len(gc.get_objects())
         samples.append(s)
+        sink.write(json.dumps(s) + "\n")
+        sink.flush()
         last["t"] = now
 
     loop.MetricsLog.write = write
@@ -64,32 +75,43 @@ def main(argv=None) -> int:
         import shutil
 
         shutil.rmtree(args.out)
+    os.makedirs(args.out)
+    sink = open(os.path.join(args.out, "soak_samples.jsonl"), "w")
     loop.train(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0
+    sink.close()
+    summary = summarize(samples, args.from_step, wall,
+                        "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    summary["steps"] = args.steps
+    with open(os.path.join(args.out, "soak.json"), "w") as f:
+        json.dump({"summary": summary, "samples": samples}, f)
+    print(json.dumps({k: v for k, v in summary.items() if k != "py_objects"}, indent=1))
+    print("python objects (step, count):", summary["py_objects"][:3], "…", summary["py_objects"][-3:])
+    return 0
+
+
+def summarize(samples: list[dict], from_step: int, wall: float | None, command: str) -> dict:
+    """RSS growth from ``from_step`` to the last sample, and the step-time drift (last 10 % over steps
+    from_step … 2·from_step)."""
+    from dppo.run.machine import machine_info, machine_line
 
     steps = [s for s in samples if s["step"] >= 1]
-    base = next(s for s in steps if s["step"] >= args.from_step)
+    base = next(s for s in steps if s["step"] >= from_step)
     end = steps[-1]
-    peak = max(s["rss_mb"] for s in steps if s["step"] >= args.from_step)
+    peak = max(s["rss_mb"] for s in steps if s["step"] >= from_step)
     times = [s["step_s"] for s in steps if s["step_s"] is not None]
-    early = [s["step_s"] for s in steps if args.from_step <= s["step"] < 2 * args.from_step and s["step_s"]]
+    early = [s["step_s"] for s in steps if from_step <= s["step"] < 2 * from_step and s["step_s"]]
     late = times[-max(1, len(times) // 10):]
     objs = [(s["step"], s["py_objects"]) for s in samples if "py_objects" in s]
-    summary = {
-        "command": "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_line(machine_info()),
-        "steps": args.steps, "wall_min": wall / 60,
+    return {
+        "command": command, "machine": machine_line(machine_info()),
+        "steps_recorded": end["step"], "wall_min": None if wall is None else wall / 60,
         "rss_mb_at_from_step": base["rss_mb"], "rss_mb_end": end["rss_mb"], "rss_mb_peak_after_from_step": peak,
         "rss_growth_pct": 100 * (end["rss_mb"] - base["rss_mb"]) / base["rss_mb"],
         "step_s_early_mean": sum(early) / len(early), "step_s_last10pct_mean": sum(late) / len(late),
         "step_time_drift": (sum(late) / len(late)) / (sum(early) / len(early)),
         "py_objects": objs,
     }
-    with open(os.path.join(args.out, "soak.json"), "w") as f:
-        json.dump({"summary": summary, "samples": samples}, f)
-    print(json.dumps({k: v for k, v in summary.items() if k != "py_objects"}, indent=1))
-    print("python objects (step, count):", objs[:3], "…", objs[-3:])
-    return 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def summarise(mu, pi, adv, ent, tok, names) -> dict:
         b = (mu >= lo) & (mu < hi)
         rows.append(dict(
             mu_bucket=f"[{lo:g}, {min(hi, 1):g})", tokens=int(b.sum()), adv_nonzero=_frac((adv != 0)[b]),
+            adv_pos=_frac(pos[b]), adv_neg=_frac(neg[b]), r_median=_q((pi / mu)[b], 0.5),
             abs_r_minus_1_p50=_q(r1[b], 0.5), abs_r_minus_1_p99=_q(r1[b], 0.99),
             abs_diff_p50=_q(d[b], 0.5), abs_diff_p99=_q(d[b], 0.99), abs_diff_max=float(d[b].max()) if b.any() else None,
             outside_clip_band=_frac(band[b]), outside_tv_delta=_frac((d > DELTA)[b]),
