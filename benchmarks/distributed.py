@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"machine: {machine_line(out['machine'])}\n")
-    print(f"| step | same samples | loss rel diff | grad norm rel diff | entropy rel diff |\n|---|---|---|---|---|")
+    print("| step | same samples | loss rel diff | grad norm rel diff | entropy rel diff |\n|---|---|---|---|---|")
     for s in steps:
         print(f"| {s['step']} | {'yes' if s['same_samples'] else 'no'} | {s['rel/loss/loss']:.1e} | "
               f"{s['rel/grad_norm']:.1e} | {s['rel/entropy']:.1e} |")

@@ -61,4 +61,5 @@ def policy_logits(tr: Trainer, ro) -> torch.Tensor:
 
 def update(tr: Trainer, batch: dict, step: int = 0) -> None:
     """The trainer's own ``epochs × minibatches`` updates of step ``step`` on this batch (Trainer._updates)."""
-    tr._updates(Batch.from_rollout(batch["ro"], batch["adv"]), step)
+    ro = batch["ro"]
+    tr._updates(Batch.from_rollout(ro, batch["adv"], tr.cfg.rollout.group_size), step, ro.response_mask)

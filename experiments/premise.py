@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,9 +51,8 @@ def main(argv: list[str]) -> int:
         row = dict(seed=seed, model=tr.model_path)
         for name, task in (("fixed", _Fixed(tr.task, seed)), ("heldout", tr.task)):
             for temp in (0.0, 1.0):
-                gen = torch.Generator().manual_seed(seed)
                 out = evaluate(tr.engine, tr.tok, task, max_new_tokens=tr.max_new_tokens, temperature=temp,
-                               samples=1 if temp == 0 else 4, generator=gen, greedy=False)
+                               samples=1 if temp == 0 else 4, seed=seed, greedy=False)
                 row[f"{name}_{'greedy' if temp == 0 else 'T1_avg4'}"] = out["eval/accuracy"]
         batch = first_batch(tr)
         ro = batch["ro"]
