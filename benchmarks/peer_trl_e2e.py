@@ -31,7 +31,7 @@ JOBS = {
     "toy": dict(P=32, args=[]),
     # one warm-up model for every seed (--warmup_seed 0): the seeds vary the RL run, not the starting policy
     "long": dict(P=16, args=["--task", "addition-steps", "--task_digits", "4", "--vocab_pad", "4096", "--hidden", "256",
-                             "--layers", "4", "--heads", "4", "--warmup_steps", "1000", "--warmup_noise", "0.3",
+                             "--layers", "4", "--heads", "4", "--warmup_steps", "800", "--warmup_noise", "0.0",
                              "--warmup_seed", "0", "--eval_per_level", "20"]),
 }
 

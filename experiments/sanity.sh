@@ -10,7 +10,7 @@
 #   extra   the anchor / minimal-mask / relax ablations (claims 5, 6, 8) in the stress setting
 #   probe   PG-IS and DPPO-Binary-TV, seed 0, 60 steps, at a few stress levels PROBE="lr:noise ..." (how the stress
 #           setting was chosen)
-#   control the probe with an fp32 rollout engine (no mismatch): whether a collapse needs the mismatch
+#   control the stress setting with an fp32 rollout engine (no mismatch): whether a collapse needs the mismatch
 # Reports: runs/results/<setting>/report.md (command, machine, wall time, table, curves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,13 +46,10 @@ case "${1:-paper}" in
         --eval_every 0
     done ;;
   control)
-    # the probe's settings with an fp32 engine: no training–inference mismatch at all (is a collapse the mismatch's?)
-    for setting in ${PROBE:-1e-4:0}; do
-      lr=${setting%%:*}; noise=${setting##*:}
-      $PY -m dppo compare --methods pg-is dppo-binary-tv --seeds 0 --jobs "$JOBS" \
-        --out "runs/results/probe/lr${lr}-noise${noise}-fp32" --title "Control: fp32 rollout, lr $lr, noise $noise" \
-        --metrics "$METRICS" -- "${MINI[@]}" --lr "$lr" --rollout_logit_noise "$noise" --rollout_dtype fp32 \
-        --steps "${PROBE_STEPS:-60}" --eval_every 0
-    done ;;
+    # the stress setting with an fp32 rollout engine (no training–inference mismatch at all): is a collapse the
+    # mismatch's, or the step size's?
+    $PY -m dppo compare --methods pg-is grpo-clip-higher dppo-binary-tv --seeds "$SEEDS" --jobs "$JOBS" \
+      --out runs/results/control --title "Control: the stress setting with an fp32 rollout (no mismatch)" \
+      --metrics "$METRICS" --target reward=0.9 -- "${MINI[@]}" "${STRESS[@]}" --rollout_dtype fp32 ;;
   *) echo "usage: $0 {paper|stress|extra|probe|control}" >&2; exit 2 ;;
 esac
