@@ -7,10 +7,10 @@ task at 4 digits (long addition written out: ~35-token responses), 16 prompts ×
 Matched: the model (dppo's cached SFT warm-up directory of the job, loaded by both), the task (the dppo run's task
 and digits, its exact reward), prompts per step, group size (8), generation length (the task's hint),
 sampling (T = 1, no top-k/top-p, fp32 rollout on both sides: TRL's HF generate has no bf16 engine), one optimizer
-step per rollout batch, AdamW lr 2e-4 (β 0.9/0.999, wd 0), grad-norm clip 1.0, constant lr, no KL term, advantages
-R − mean(group) without std scaling, and the loss: dppo ``grpo`` (ε 0.2, seq-mean-token-sum-norm) = TRL ``dr_grpo``
-(ε 0.2, ÷ B·max_completion_length) — the gradient-identical pair of the loss-agreement table. Each side runs in its
-own process with one torch thread; peak RSS is that process's ``ru_maxrss``.
+step per rollout batch, AdamW lr 2e-4 (long job: 2e-5; β 0.9/0.999, wd 0), grad-norm clip 1.0, constant lr, no KL
+term, advantages R − mean(group) without std scaling, and the loss: dppo ``grpo`` (ε 0.2, seq-mean-token-sum-norm)
+= TRL ``dr_grpo`` (ε 0.2, ÷ B·max_completion_length) — the gradient-identical pair of the loss-agreement table.
+Each side runs in its own process with one torch thread; peak RSS is that process's ``ru_maxrss``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 G, LR = 8, 2e-4
 # `dppo train` options of each job beyond the matched ones; prompts per step P.
 JOBS = {
-    "toy": dict(P=32, args=[]),
+    "toy": dict(P=32, lr=LR, args=[]),
     # one warm-up model for every seed (--warmup_seed 0): the seeds vary the RL run, not the starting policy
-    "long": dict(P=16, args=["--task", "addition-steps", "--task_digits", "4", "--vocab_pad", "4096", "--hidden", "256",
-                             "--layers", "4", "--heads", "4", "--warmup_steps", "800", "--warmup_noise", "0.0",
-                             "--warmup_seed", "0", "--eval_per_level", "20"]),
+    # lr 2e-5: at the toy job's 2e-4 both trainers lost the warm-up's reward within 20 steps (0.19 → 0.02 / 0.06)
+    "long": dict(P=16, lr=2e-5, args=["--task", "addition-steps", "--task_digits", "4", "--vocab_pad", "4096",
+                                      "--hidden", "256", "--layers", "4", "--heads", "4", "--warmup_steps", "800",
+                                      "--warmup_noise", "0.0", "--warmup_seed", "0", "--eval_per_level", "20"]),
 }
 
 
@@ -47,7 +48,7 @@ def _child_dppo(out: str, steps: int, seed: int, job: str = "toy") -> dict:
     t0 = time.perf_counter()
     rc = main(["train", "--out", out, "--steps", str(steps), "--seed", str(seed), "--method", "grpo",
                "--prompts_per_step", str(JOBS[job]["P"]), "--group_size", str(G), "--minibatches", "1", "--lr",
-               str(LR), "--rollout_dtype", "fp32", "--threads", "1", "--eval_every", "0", "--no-progress",
+               str(JOBS[job]["lr"]), "--rollout_dtype", "fp32", "--threads", "1", "--eval_every", "0", "--no-progress",
                "--no-tensorboard", "--no-plot", "--ckpt_every", "0", *JOBS[job]["args"]])
     wall = time.perf_counter() - t0
     recs = [json.loads(l) for l in Path(out, "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -58,7 +59,7 @@ def _child_dppo(out: str, steps: int, seed: int, job: str = "toy") -> dict:
 
 
 def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int, task_name: str = "arithmetic",
-               prompts: int = 32, eval_per_level: int = 100) -> dict:
+               prompts: int = 32, eval_per_level: int = 100, lr: float = LR) -> dict:
     import resource
 
     import torch
@@ -82,7 +83,7 @@ def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int, tas
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = GRPOConfig(
         output_dir=out, use_cpu=True, seed=seed, per_device_train_batch_size=P * G, num_generations=G,
-        max_completion_length=task.max_new_tokens_hint, max_steps=steps, learning_rate=LR,
+        max_completion_length=task.max_new_tokens_hint, max_steps=steps, learning_rate=lr,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", beta=0.0,
         loss_type="dr_grpo", epsilon=0.2, scale_rewards="none", temperature=1.0, top_k=0, top_p=1.0,
         logging_steps=1, report_to=[], save_strategy="no", bf16=False, disable_dropout=True,
@@ -108,7 +109,8 @@ def _child_trl(out: str, steps: int, seed: int, model_dir: str, digits: int, tas
 
 def _spawn(kind: str, out: str, steps: int, seed: int, model_dir: str = "", digits: int = 0, job: str = "toy",
            task_name: str = "arithmetic", eval_per_level: int = 100) -> dict:
-    extra = (f",{model_dir!r},{digits},{task_name!r},{JOBS[job]['P']},{eval_per_level}" if kind == "trl"
+    extra = (f",{model_dir!r},{digits},{task_name!r},{JOBS[job]['P']},{eval_per_level},{JOBS[job]['lr']!r}"
+             if kind == "trl"
              else f",{job!r}")
     code = (f"import json,sys; sys.path.insert(0,{str(ROOT / 'src')!r}); sys.path.insert(0,{str(ROOT / 'benchmarks')!r});"
             f"import peer_trl_e2e as m; r=m._child_{kind}({out!r},{steps},{seed}{extra}); print('RESULT'+json.dumps(r))")
@@ -166,7 +168,7 @@ def run_e2e(steps: int = 50, seeds: tuple[int, ...] = (0, 1, 2), job: str = "toy
     )
     return dict(
         job=job, dppo_args=JOBS[job]["args"], steps=steps, seeds=list(seeds), prompts_per_step=JOBS[job]["P"],
-        group_size=G, lr=LR, summary=summary, runs=runs,
+        group_size=G, lr=JOBS[job]["lr"], summary=summary, runs=runs,
         command=f"python benchmarks/peer_trl.py --part e2e --job {job} --steps {steps} "
                 f"--seeds {','.join(map(str, seeds))}",
         note=(f"reward_first_mean / reward_last_mean = mean training reward over the first / last {k} steps. "
