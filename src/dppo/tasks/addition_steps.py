@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from dppo.tasks.base import Example, Task, step_rng
+from dppo.tasks.base import Example, FixedSetTask
 
 __all__ = ["AdditionStepsTask", "STEPS_ALPHABET", "worked_steps"]
 
@@ -39,8 +39,9 @@ def worked_steps(a: int, b: int, digits: int, p_drop: float = 0.0, rng: random.R
     return ",".join(steps) + ">" + total
 
 
-class AdditionStepsTask(Task):
+class AdditionStepsTask(FixedSetTask):
     name = "addition-steps"
+    fixed_salt = "steps-fixed"
     use_chat_template = False
     alphabet = STEPS_ALPHABET
 
@@ -50,10 +51,8 @@ class AdditionStepsTask(Task):
         run seed (the sanity test's fixed problem set, §5.1); 0: fresh problems every step."""
         if digits < 1:
             raise ValueError(f"--task_digits must be >= 1, got {digits}")
-        if num_problems < 0:
-            raise ValueError(f"--task_num_problems must be >= 0, got {num_problems}")
+        super().__init__(num_problems)
         self.digits = digits
-        self.num_problems = num_problems
         self.max_new_tokens_hint = 10 * digits + 2  # d steps ≤ 8 chars, d−1 commas, '>', ≤ d+1 digits, <eos>
         lo = 0 if digits == 1 else 10 ** (digits - 1)
         space = (10**digits - lo) ** 2
@@ -64,7 +63,6 @@ class AdditionStepsTask(Task):
             seen.setdefault(ex.prompt, ex)
         self._eval = list(seen.values())
         self._eval_prompts = frozenset(seen)
-        self._fixed: dict[int, list[Example]] = {}
 
     def _draw(self, rng: random.Random) -> Example:
         lo, hi = (0 if self.digits == 1 else 10 ** (self.digits - 1)), 10**self.digits - 1
@@ -82,27 +80,6 @@ class AdditionStepsTask(Task):
         """The warm-up's target response (:func:`worked_steps`, sloppy with probability ``p_drop`` per carry)."""
         a, b = (int(x) for x in example.prompt.rstrip("=").split("+"))
         return worked_steps(a, b, self.digits, p_drop, rng)
-
-    def fixed_problems(self, seed: int) -> list[Example]:
-        """The fixed training set of ``seed`` (``num_problems`` distinct problems; empty when 0)."""
-        if seed not in self._fixed:
-            rng = random.Random(f"steps-fixed/{seed}")
-            seen: dict[str, Example] = {}
-            while len(seen) < self.num_problems:
-                ex = self.sample(rng)
-                seen.setdefault(ex.prompt, ex)
-            self._fixed[seed] = list(seen.values())
-        return self._fixed[seed]
-
-    def train_examples(self, step: int, n: int, seed: int) -> list[Example]:
-        rng = step_rng(seed, step, "addition-steps")
-        if self.num_problems:
-            pool = self.fixed_problems(seed)
-            return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
-        return [self.sample(rng) for _ in range(n)]
-
-    def eval_examples(self) -> list[Example]:
-        return list(self._eval)
 
     def reward(self, example: Example, response: str) -> float:
         if ">" not in response:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import random
 
-from dppo.tasks.base import Example, Task, step_rng
+from dppo.tasks.base import Example, FixedSetTask
 
 __all__ = ["ArithmeticTask", "ALPHABET"]
 
 ALPHABET = "0123456789+="
 
 
-class ArithmeticTask(Task):
+class ArithmeticTask(FixedSetTask):
     name = "arithmetic"
     use_chat_template = False
     alphabet = ALPHABET
@@ -31,15 +31,11 @@ class ArithmeticTask(Task):
         problems every step."""
         if max_digits < 1:
             raise ValueError(f"--task_digits must be >= 1, got {max_digits}")
-        if num_problems < 0:
-            raise ValueError(f"--task_num_problems must be >= 0, got {num_problems}")
+        super().__init__(num_problems)
         self.max_digits = max_digits
-        self.num_problems = num_problems
-        self._fixed: dict[int, list[Example]] = {}
         self.max_new_tokens_hint = max_digits + 2  # the sum has at most max_digits+1 digits, then <eos>
         rng = random.Random(f"eval/{eval_seed}")
         seen: set[str] = set()
-        self._eval: list[Example] = []
         for level in range(1, max_digits + 1):
             # at most a fifth of a level's problems are held out (level 1 has only 10·10 of them)
             space = (10**level - (0 if level == 1 else 10 ** (level - 1))) * 10**level
@@ -89,29 +85,6 @@ class ArithmeticTask(Task):
     def demonstration(self, example: Example, rng: random.Random, p_drop: float) -> str:
         """The warm-up's target response: :meth:`sloppy_answer`."""
         return self.sloppy_answer(example, rng, p_drop)
-
-    def fixed_problems(self, seed: int) -> list[Example]:
-        """The fixed training set of ``seed`` (``num_problems`` distinct problems; empty when 0)."""
-        if seed not in self._fixed:
-            rng = random.Random(f"fixed/{seed}")
-            seen: dict[str, Example] = {}
-            while len(seen) < self.num_problems:
-                ex = self.sample(rng)
-                seen.setdefault(ex.prompt, ex)
-            self._fixed[seed] = list(seen.values())
-        return self._fixed[seed]
-
-    def train_examples(self, step: int, n: int, seed: int) -> list[Example]:
-        rng = step_rng(seed, step, "arithmetic")
-        if self.num_problems:
-            pool = self.fixed_problems(seed)
-            if n <= len(pool):
-                return rng.sample(pool, n)
-            return [rng.choice(pool) for _ in range(n)]
-        return [self.sample(rng) for _ in range(n)]
-
-    def eval_examples(self) -> list[Example]:
-        return list(self._eval)
 
     def reward(self, example: Example, response: str) -> float:
         return 1.0 if response.strip() == example.answer else 0.0

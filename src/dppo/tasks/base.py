@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-__all__ = ["Example", "Task", "step_rng"]
+__all__ = ["Example", "FixedSetTask", "Task", "step_rng"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,44 @@ class Task:
     def correct(self, example: Example, response: str) -> bool:
         """Whether the response counts as correct for accuracy (reward ≥ 1 by default)."""
         return self.reward(example, response) >= 1.0
+
+
+class FixedSetTask(Task):
+    """A generated task with a held-out set (``self._eval``, drawn by the subclass) and, when ``num_problems`` > 0, a
+    fixed training set of that many distinct problems per run seed (the sanity test's fixed problem set, §5.1);
+    with 0, every step draws fresh problems. Subclasses implement ``sample(rng)`` (one training example, never a
+    held-out prompt) and set ``fixed_salt``, the RNG key of the fixed set (kept per task so existing sets stay the
+    same). A step's prompts come from :func:`step_rng` salted with the task's ``name``."""
+
+    fixed_salt = "fixed"
+
+    def __init__(self, num_problems: int):
+        if num_problems < 0:
+            raise ValueError(f"--task_num_problems must be >= 0, got {num_problems}")
+        self.num_problems = num_problems
+        self._fixed: dict[int, list[Example]] = {}
+        self._eval: list[Example] = []
+
+    def sample(self, rng: random.Random) -> Example:
+        raise NotImplementedError
+
+    def fixed_problems(self, seed: int) -> list[Example]:
+        """The fixed training set of ``seed`` (``num_problems`` distinct problems; empty when 0)."""
+        if seed not in self._fixed:
+            rng = random.Random(f"{self.fixed_salt}/{seed}")
+            seen: dict[str, Example] = {}
+            while len(seen) < self.num_problems:
+                ex = self.sample(rng)
+                seen.setdefault(ex.prompt, ex)
+            self._fixed[seed] = list(seen.values())
+        return self._fixed[seed]
+
+    def train_examples(self, step: int, n: int, seed: int) -> list[Example]:
+        rng = step_rng(seed, step, self.name)
+        if self.num_problems:
+            pool = self.fixed_problems(seed)
+            return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+        return [self.sample(rng) for _ in range(n)]
+
+    def eval_examples(self) -> list[Example]:
+        return list(self._eval)
