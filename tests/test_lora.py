@@ -17,7 +17,6 @@ Tolerances:
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 
@@ -29,10 +28,10 @@ peft = pytest.importorskip("peft")
 from dppo.run.config import ConfigError  # noqa: E402
 from dppo.run.metrics_log import read_metrics  # noqa: E402
 from dppo.hf.model import load_model, response_stats  # noqa: E402
+from metrics_check import TIMING, assert_same_records  # noqa: E402
 from test_trainer import tiny_cfg  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TIMING = ("time/", "tokens_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +180,7 @@ def test_resume_matches_uninterrupted(tmp_path, cache_dir, partial_reward):
     a, b = read_metrics(str(tmp_path / "ref" / "metrics.jsonl")), read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
     assert any(r.get("grad_norm", 0) > 0 for r in a[3:])
-    for ra, rb in zip(a, b):
-        keys = {k for k in ra if not k.startswith(TIMING)}
-        assert keys == {k for k in rb if not k.startswith(TIMING)}
-        for k in keys:
-            if isinstance(ra[k], float) and math.isfinite(ra[k]):
-                assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9), (ra["step"], k)
-            else:
-                assert ra[k] == rb[k], (ra["step"], k)
+    assert_same_records(a, b)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ partial-credit reward of tests/data/my_rewards.py so that the policy actually mo
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -23,12 +22,11 @@ import time
 
 import pytest
 
-from dppo.run.metrics_log import read_metrics
+from metrics_check import assert_same_records, metric_lines
 
 ARGS = dict(hidden=32, layers=1, heads=2, warmup_steps=20, warmup_batch=32, task_digits=2, eval_per_level=10,
             prompts_per_step=4, group_size=4, minibatches=2, steps=14, eval_every=5, eval_samples=1, ckpt_every=3,
             threads=1, lr=1e-3)
-TIMING = ("time/", "tokens_per_s")
 DATA = os.path.join(os.path.dirname(__file__), "data")
 LORA = ["--lora_rank", "4", "--reward", "my_rewards:contains_answer", "--lr", "1e-2"]
 
@@ -41,8 +39,6 @@ def _cmd(out, cache, extra=()):
     return cmd + list(extra)
 
 
-def _lines(path):
-    return read_metrics(str(path)) if os.path.exists(path) else []
 
 
 _REFERENCE: dict = {}
@@ -69,14 +65,14 @@ def test_interrupted_resume_matches_uninterrupted(tmp_path_factory, tmp_path, mo
     p = subprocess.Popen(_cmd(run, cache, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
-        if len(_lines(run / "metrics.jsonl")) >= 6:  # steps 0..5 written; last periodic checkpoint at step 3
+        if len(metric_lines(run / "metrics.jsonl")) >= 6:  # steps 0..5 written; last periodic checkpoint at step 3
             break
         time.sleep(0.005)
     assert p.poll() is None, "the run finished before it could be stopped; make it longer"
     t0 = time.time()
     os.kill(p.pid, sig)
     _, err = p.communicate(timeout=60)
-    killed_at = len(_lines(run / "metrics.jsonl")) - 1
+    killed_at = len(metric_lines(run / "metrics.jsonl")) - 1
     assert killed_at < ARGS["steps"]
     if sig == signal.SIGTERM:
         from dppo.run.checkpoint import latest_step
@@ -90,19 +86,11 @@ def test_interrupted_resume_matches_uninterrupted(tmp_path_factory, tmp_path, mo
         assert p.returncode == -signal.SIGKILL
 
     subprocess.run(_cmd(run, cache, extra), check=True, capture_output=True, timeout=180)
-    a, b = _lines(ref / "metrics.jsonl"), _lines(run / "metrics.jsonl")
+    a, b = metric_lines(ref / "metrics.jsonl"), metric_lines(run / "metrics.jsonl")
     if extra:
         assert max(r.get("grad_norm", 0.0) for r in a) > 0, "the policy never moved: the test would prove nothing"
     assert [r["step"] for r in b] == list(range(ARGS["steps"] + 1)), "a metric line was lost or duplicated"
     assert [r["step"] for r in a] == [r["step"] for r in b]
     starts = [json.loads(x)["start_step"] for x in (run / "machine.jsonl").read_text().splitlines()]
     assert starts[0] == 0 and len(starts) == 2 and 0 < starts[1] <= killed_at  # resumed from its checkpoint
-    for ra, rb in zip(a, b):
-        keys = {k for k in ra if not k.startswith(TIMING)}
-        assert keys == {k for k in rb if not k.startswith(TIMING)}, ra["step"]
-        for k in keys:
-            va, vb = ra[k], rb[k]
-            if isinstance(va, float) and math.isfinite(va):
-                assert vb == pytest.approx(va, rel=1e-6, abs=1e-9), (ra["step"], k)
-            else:
-                assert va == vb, (ra["step"], k)
+    assert_same_records(a, b)
