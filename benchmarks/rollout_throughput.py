@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the HF engine only: vLLM's CPU build here)")
     a = ap.parse_args(argv)
-    global RESULTS
-    if a.device != "cpu":
-        RESULTS = RESULTS.with_name(f"rollout_throughput_{a.device.split(':')[0]}.json")
+    results = RESULTS if a.device == "cpu" else RESULTS.with_name(f"rollout_throughput_{a.device.split(':')[0]}.json")
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     rows = []
@@ -127,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         eng.close()
                     load.append(os.getloadavg()[0])
     info = machine_info()
-    if RESULTS.exists() and not a.no_write:  # keep the rows of the models not rerun
-        old = json.loads(RESULTS.read_text())
+    if results.exists() and not a.no_write:  # keep the rows of the models not rerun
+        old = json.loads(results.read_text())
         rows = [r for r in old["rows"] if r["model"] not in a.models.split(",")] + rows
         load = old["machine"].get("loadavg_1min_during_run", []) + load
     info["loadavg_1min_during_run"] = [round(x, 2) for x in load]
@@ -155,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             s = {r["model"]: r["start_s"] for r in rows if r["engine"] == e and r["dtype"] == dt}
             print(f"| {e} | {dt} | {s.get('default', float('nan')):.1f} | {s.get('10M', float('nan')):.1f} |")
     if not a.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(dict(rows=rows, machine=info), indent=1) + "\n")
-        print(f"\nwrote {RESULTS}")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(dict(rows=rows, machine=info), indent=1) + "\n")
+        print(f"\nwrote {results}")
     return 0
 
 

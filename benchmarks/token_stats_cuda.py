@@ -209,7 +209,6 @@ def main() -> None:
         dname, ns = part.split(":")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
         for i, n in enumerate(int(x) for x in ns.split(",")):
-            res_path_partial = args.out + ".partial"
             torch._dynamo.reset()  # Liger's compiled loss: a fresh compile per shape (its dynamic-shape guard failed)
             d = setup(n, dtype, dev)
             cs = cases(d, max(1, args.big_tile_mb * 2**20 // (4 * V)))
@@ -233,7 +232,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 res["rows"].append(row)
-                with open(res_path_partial, "w") as f:  # what a timeout leaves behind
+                with open(args.out + ".partial", "w") as f:  # what a timeout leaves behind
                     json.dump(res, f, indent=1)
             del d, cs
             torch.cuda.empty_cache()
