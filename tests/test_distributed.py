@@ -36,7 +36,6 @@ from dppo.run.metrics_log import read_metrics
 HERE = os.path.dirname(__file__)
 DATA = os.path.join(HERE, "data")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-TIMING = ("time/", "tokens_per_s")
 EXACT = ("reward", "reward_std", "accuracy", "groups_all_equal", "response_len", "truncated_frac", "adv_abs_mean",
          "tokens", "reward/bad", "lr", "step")
 CLOSE = ("loss/loss", "loss/tokens", "grad_norm", "grad_norm_max", "entropy")

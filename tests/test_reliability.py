@@ -15,10 +15,10 @@ import torch
 from dppo.run.checkpoint import (CheckpointLoadError, CheckpointWriteError, UnsafeCheckpointError, latest_step,
                                  list_checkpoints)
 from dppo.run.metrics_log import read_metrics
+from metrics_check import TIMING
 from test_trainer import tiny_cfg
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TIMING = ("time/", "tokens_per_s")
 
 
 @pytest.fixture(scope="module")
