@@ -80,7 +80,12 @@ STEP_METRICS = _table({
     "lr": ("last", "learning rate after the step"),
     "tokens": ("last", "response tokens in the rollout batch"),
     "tokens_per_s": ("last", "response tokens per second of the whole step"),
-    "time/rollout": ("last", "seconds sampling (and scoring) the rollout batch"),
+    "time/rollout": ("last", "seconds sampling (and scoring) the rollout batch; with --async_rollout, the seconds the "
+                     "trainer waited for the worker's batch (and scored it)"),
+    "time/rollout_worker": ("last", "--async_rollout: seconds the worker process spent sampling this step's batch "
+                            "(overlapping the previous step's training)"),
+    "rollout/lag": ("last", "staleness of the batch: steps between the policy that sampled it and the one trained "
+                    "(--rollout_lag / --async_rollout k, min(k, step − 1))"),
     "time/recompute": ("last", "seconds in the no-grad forward of the recomputed anchor π_θ′"),
     "time/train": ("last", "seconds in the forward/backward/optimizer of the step's updates"),
     "time/step": ("last", "seconds of the whole step"),
@@ -95,7 +100,8 @@ METRICS: dict[str, Metric] = {
     **{f"loss/{k}": Metric(f"loss/{k}", m.meaning + " (over the step's updates)", m.pool)
        for k, m in LOSS_METRICS.items()},
     **{f"mismatch/{k}": Metric(f"mismatch/{k}", m.meaning + " (first mini-batch, before any update: the "
-                               "training–inference mismatch alone)", m.pool)
+                               "training–inference mismatch alone; with --rollout_lag k also the policy's k steps "
+                               "of drift since the weights the engine sampled with)", m.pool)
        for k, m in LOSS_METRICS.items() if k in ("abs_diff_mean", "abs_diff_max", "abs_dlogp_mean")},
 }
 

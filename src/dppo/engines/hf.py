@@ -7,7 +7,9 @@ at one [N, V] row of logits per step.
 
 Rollout precision is the engine's own: ``dtype="bf16"`` keeps a bf16 copy of the policy (synced before every
 rollout, as an inference engine's weights are), so π (fp32 trainer) and μ (bf16 engine) differ for identical
-parameters: the training–inference mismatch of the paper (§5.1, Fig. 3) reproduced on a CPU.
+parameters: the training–inference mismatch of the paper (§5.1, Fig. 3) reproduced on a CPU. ``dtype="fp8"`` keeps
+a bf16 copy whose linear weights are FP8 (e4m3, one scale per output channel; :func:`dppo.engines.weights.fp8_quantize`):
+the larger mismatch of an FP8 rollout (verl#7519, OpenRLHF#1155; DRPO's FP8-rollout runs).
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import torch
 from torch import Tensor
 
 from dppo.hf.heads import lm_head
-from dppo.hf.lora import base_model
-from dppo.hf.model import DTYPES, decoder_and_head, position_ids_from_mask
+from dppo.engines.weights import fp8_linear_names, fp8_quantize, full_tensor, load_named, policy_weights  # noqa: F401
+from dppo.hf.model import decoder_and_head, position_ids_from_mask
 from dppo.rollout import (Rollout, RolloutEngine, SamplingParams, mask_padding, prompt_seeds, sample_tokens,
                           sampling_logprobs)
 
-__all__ = ["HFEngine"]
+__all__ = ["HFEngine", "ENGINE_DTYPES"]
+
+# the rollout precisions: the engine copy's dtype, and whether its linear weights are FP8-quantised
+ENGINE_DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
+                 "fp8": (torch.bfloat16, True)}
 
 
 def _new_cache(model):
@@ -49,7 +55,8 @@ class HFEngine(RolloutEngine):
             ``sync`` pushes the merged weights (shared mode samples with the adapted module itself, unmerged).
         eos_token_id, pad_token_id: ids from the tokenizer (``eos_token_id`` may be a list: any of them ends a
             response).
-        dtype: "fp32" | "bf16" | "fp16": the rollout precision.
+        dtype: "fp32" | "bf16" | "fp16" | "fp8": the rollout precision. "fp8" = a bf16 copy whose linear weights
+            (all but the lm head) are rounded to float8 e4m3 with per-output-channel scales at every ``sync``.
         fp32_head: with a low-precision ``dtype``, run the lm-head GEMM in fp32: the decoder body runs in ``dtype``,
             its last hidden state is upcast, and the logits are h·W32ᵀ (+ b) with an fp32 copy W32 of the policy's
             head weight, refreshed by ``sync`` (no rounding of W to ``dtype``; costs one fp32 [V, H] copy). The
@@ -57,7 +64,8 @@ class HFEngine(RolloutEngine):
             own head is already fp32 (fp32 master weights; the head GEMM is outside autocast, ``dppo.hf.model``), so
             this gives both sides an fp32 head. No effect when the engine shares the fp32 policy.
         own_copy: keep an own copy even when ``dtype`` is the policy's: a policy that will be sharded across
-            processes (``dppo.run.distributed``) cannot be sampled with, and ``sync`` then gathers its full weights.
+            processes (``dppo.run.distributed``) cannot be sampled with, and ``sync`` then gathers its full weights;
+            a lagged rollout (``--rollout_lag``) loads older weights than the policy's.
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32",
@@ -66,8 +74,10 @@ class HFEngine(RolloutEngine):
             raise ValueError(f"batch_size must be >= 1 (responses generated at a time), got {batch_size}")
         self.batch_size = int(batch_size)
         policy_dtype = next(model.parameters()).dtype
-        self.dtype = DTYPES[dtype]
-        if self.dtype == policy_dtype and not own_copy:
+        if dtype not in ENGINE_DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(ENGINE_DTYPES)}")
+        self.dtype, self.fp8 = ENGINE_DTYPES[dtype]
+        if self.dtype == policy_dtype and not own_copy and not self.fp8:
             self.model = model
             self.shared = True
         else:
@@ -82,6 +92,13 @@ class HFEngine(RolloutEngine):
                                  "(soft-capping or scaling) or has no plain Linear head; use fp32_head=False")
             self._body = parts[0]
             self._head32 = [None if t is None else t.detach().float().clone() for t in lm_head(model)]
+        # the fp32 head is refreshed from the incoming tensors of the head's names (every alias of a tied head)
+        self._head_names = {} if self._head32 is None else {
+            n: i for i, t in enumerate(lm_head(self.model)) if t is not None
+            for n, p in self.model.named_parameters(remove_duplicate=False) if p is t}
+        self._fp8_names = fp8_linear_names(self.model) if self.fp8 else set()
+        if self.fp8:
+            self.load_weights(policy_weights(model))
         eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         self.eos = torch.tensor(sorted(set(int(e) for e in eos if e is not None)), dtype=torch.long)
         self.pad = int(pad_token_id)
@@ -96,18 +113,30 @@ class HFEngine(RolloutEngine):
         policy (FSDP2 DTensors) is gathered one tensor at a time: every process must call this together."""
         if self.shared:
             return
-        with torch.no_grad():
-            if hasattr(policy, "peft_config"):
-                from dppo.hf.lora import load_merged
+        self.load_weights(policy_weights(policy))
 
-                load_merged(policy, self.model)
-            else:
-                for dst, src in zip(self.model.parameters(), policy.parameters()):
-                    dst.copy_(full_tensor(src))  # cast to the engine dtype
-            if self._head32 is not None:  # from the policy's (fp32) head itself, not from the rounded engine copy
-                for dst, src in zip(self._head32, lm_head(base_model(policy))):
-                    if dst is not None:
-                        dst.copy_(full_tensor(src))
+    @torch.no_grad()
+    def load_weights(self, weights) -> None:
+        """Load named tensors (:func:`dppo.engines.weights.policy_weights` or a :func:`~dppo.engines.weights.snapshot`
+        of an earlier step) into the engine's copy: cast to the engine dtype, FP8-quantised for ``dtype="fp8"``, the
+        fp32 head refreshed from the incoming tensors themselves (not from the rounded engine copy). Every parameter
+        of the engine must be written."""
+        if self.shared:
+            raise RuntimeError("this engine samples with the policy module itself (same dtype, no own copy): it "
+                               "cannot hold other weights; build it with own_copy=True")
+        items = weights.items() if hasattr(weights, "items") else weights
+        head: dict[int, torch.Tensor] = {}
+
+        def put(name, w):
+            if name in self._head_names:
+                head[self._head_names[name]] = w
+            return fp8_quantize(w, self.dtype) if name in self._fp8_names else w
+
+        load_named(self.model, items, transform=put)
+        if self._head32 is not None:
+            for i, dst in enumerate(self._head32):
+                if dst is not None:
+                    dst.copy_(head[i])
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
         kw = {self._cache_kw: cache, "use_cache": True}
@@ -191,11 +220,6 @@ class HFEngine(RolloutEngine):
             finished=done,
             rollout_full_logp=torch.stack(full, 1) if full else None,
         )
-
-
-def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor of a parameter sharded across processes (an FSDP2 DTensor; a collective), else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class _Draws:

@@ -40,13 +40,13 @@ from typing import Any
 
 import torch
 
-from dppo.engines.hf import full_tensor
+from dppo.engines.weights import policy_weights
 from dppo.rollout import Rollout, RolloutEngine, SamplingParams, mask_padding, prompt_seeds
 
 __all__ = ["VLLMEngine", "parse_position", "parse_completion", "VLLM_DTYPES"]
 
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # KV cache in the activation dtype
 NEG_INF = float("-inf")
 
 
@@ -139,30 +139,15 @@ def _reload_weights(worker, weights) -> list[str]:
     return sorted({n for n, _ in model.named_parameters(remove_duplicate=False)} - set(loaded[0]))
 
 
-def _checkpoint_weights(policy: torch.nn.Module, dtype: torch.dtype):
-    """(name, tensor) of the plain model the policy computes (merged LoRA weights), cast to ``dtype``, under *every*
-    name of a tied tensor: vLLM reprocesses a layer only when it receives its weights, so a tied lm head that is
-    not sent under ``lm_head.weight`` keeps its old packed copy on the CPU backend while the embedding changes."""
-    from dppo.hf.lora import base_model, merged_named_parameters
-
-    names: dict[int, list[str]] = {}
-    for name, p in base_model(policy).named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    aliases = {group[0]: group[1:] for group in names.values() if len(group) > 1}
-    for name, w in merged_named_parameters(policy):
-        w = full_tensor(w.detach()).to(dtype)  # an FSDP2-sharded policy: every process's engine gets whole tensors
-        yield name, w
-        for alias in aliases.get(name, ()):
-            yield alias, w
-
-
 class VLLMEngine(RolloutEngine):
     """Sampling with vLLM, colocated in the trainer's process, tensor parallel size 1.
 
     Args:
         model_path: the directory the policy was loaded from (vLLM loads its own copy; ``sync`` overwrites it).
         eos_token_id, pad_token_id: as for :class:`dppo.engines.HFEngine` (any id of the EOS list ends a response).
-        dtype: "fp32" | "bf16" | "fp16": the engine's precision, the rollout precision of the run.
+        dtype: "fp32" | "bf16" | "fp16" | "fp8": the engine's precision, the rollout precision of the run. "fp8" is
+            vLLM's own FP8 weight quantisation (``quantization="fp8"``: bf16 activations, FP8 weights with vLLM's
+            scales; CUDA GPUs only: vLLM has no FP8 kernels on the CPU, so it is refused there).
         max_logprobs: the largest K that ``generate`` may be asked for (vLLM's engine cap; its default is 20).
         max_model_len: longest prompt + response in tokens (0 = the model config's maximum).
         max_num_seqs: sequences vLLM runs at a time (its scheduler batch; the trainer's ``--rollout_batch_size``).
@@ -209,6 +194,12 @@ class VLLMEngine(RolloutEngine):
             seq_len = max_model_len or _config_max_len(model_path)
             # whole 128-token blocks per sequence, plus one: vLLM must fit at least one full-length sequence
             kw["kv_cache_memory_bytes"] = per_token * max_num_seqs * (-(-seq_len // 128) + 1) * 128
+        if dtype == "fp8":
+            if self.cpu:
+                raise ValueError("--rollout_dtype fp8 with --engine vllm needs a CUDA GPU: vLLM's FP8 quantisation "
+                                 "has no CPU kernels. On a CPU use --engine hf --rollout_dtype fp8 (FP8 e4m3 weights "
+                                 "with per-channel scales, bf16 compute)")
+            kw["quantization"] = "fp8"
         keep = _ProcessState()  # vLLM's worker reseeds the global RNGs and pins torch's thread count
         try:
             self.llm = vllm.LLM(
@@ -222,11 +213,18 @@ class VLLMEngine(RolloutEngine):
         self.vocab_size = self.llm.llm_engine.vllm_config.model_config.get_vocab_size()
 
     def sync(self, policy: torch.nn.Module) -> None:
-        """Load the policy's weights (merged for LoRA, :func:`_checkpoint_weights`) into vLLM's model, cast to the
-        engine dtype, and drop the prefix cache (its KV was computed with the old weights).
-        Raises if any parameter of vLLM's model was not written."""
+        """Load the policy's weights (merged for LoRA, every name of a tied tensor:
+        :func:`dppo.engines.weights.policy_weights`) into vLLM's model, cast to the engine dtype, and drop the prefix
+        cache (its KV was computed with the old weights). Raises if any parameter of vLLM's model was not written."""
+        self.load_weights(policy_weights(policy))
+
+    def load_weights(self, weights) -> None:
+        """Load named tensors (``policy_weights`` or a :func:`dppo.engines.weights.snapshot` of an earlier step, for a
+        lagged rollout) into vLLM's model: vLLM's own loader fuses, casts (and for fp8 quantises) them."""
+        dtype = getattr(torch, VLLM_DTYPES[self.dtype])
+        items = weights.items() if hasattr(weights, "items") else weights
         with torch.no_grad():  # cast here: vLLM warns for every tensor of another dtype
-            weights = _checkpoint_weights(policy, getattr(torch, VLLM_DTYPES[self.dtype]))
+            weights = ((name, w.to(dtype)) for name, w in items)
             missing = self.llm.collective_rpc(_reload_weights, args=(weights,))[0]
         if missing:
             raise RuntimeError(f"vLLM kept its old values for {len(missing)} parameters the policy did not provide "

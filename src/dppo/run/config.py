@@ -25,7 +25,7 @@ from tyro.conf import arg
 
 __all__ = ["TrainConfig", "ModelConfig", "TaskConfig", "RolloutConfig", "MethodConfig", "OptimConfig", "LoraConfig",
            "EvalConfig", "LogConfig", "ConfigError", "make_config", "load_config", "save_config", "config_dict",
-           "flat_names", "RESUME_MAY_CHANGE"]
+           "flat_names", "RESUME_MAY_CHANGE", "rollout_lag"]
 
 
 def _a(*names: str):
@@ -107,9 +107,10 @@ class RolloutConfig:
     """rollout top-k truncation (0 = none, the paper's setting); μ is renormalised over the kept tokens"""
     top_p: Annotated[float, _a("top_p")] = 1.0
     """rollout nucleus truncation (1.0 = none, the paper's setting); μ is renormalised"""
-    dtype: Annotated[Literal["fp32", "bf16", "fp16"], _a("rollout_dtype")] = "bf16"
+    dtype: Annotated[Literal["fp32", "bf16", "fp16", "fp8"], _a("rollout_dtype")] = "bf16"
     """rollout engine precision; bf16 rollout vs fp32 training reproduces the paper's training–inference mismatch
-    (§5.1: BF16 on purpose)"""
+    (§5.1: BF16 on purpose). fp8: the engine's linear weights in float8 e4m3 with one scale per output channel, bf16
+    compute (an FP8 rollout as verl / OpenRLHF users run it; HF engine on any device, vLLM's own FP8 on CUDA)"""
     fp32_head: Annotated[bool, _a("rollout_fp32_head")] = False
     """run the rollout engine's lm-head GEMM in fp32 on its upcast hidden state (the FP32 LM head of ScaleRL /
     MiniMax-M1, trl#4303): less training–inference mismatch. Off by default: the paper's §5.1 mismatch is plain BF16
@@ -131,6 +132,18 @@ class RolloutConfig:
     vllm_enforce_eager: Annotated[bool, _a("vllm_enforce_eager")] = False
     """vLLM: eager mode, no CUDA graphs / torch.compile: starts in seconds instead of 25–50 s on a 2-core CPU,
     decodes up to 19 % slower there (docs/benchmarks.md)"""
+    lag: Annotated[int, _a("rollout_lag")] = 0
+    """staleness k: step t's batch is sampled with the policy as it was k steps earlier (at the start of step t−k;
+    the first k steps use the initial policy), synchronously. μ stays what the engine sampled with, and the trust
+    region anchors to it; the recompute anchor π_θ′ is the policy at the start of step t. 0 = on-policy rollouts
+    (the paper). Keeps k fp32 copies of the weights in memory and in each checkpoint"""
+    async_rollout: Annotated[int, _a("async_rollout")] = 0
+    """k >= 1: a rollout worker process samples step t+1's batch while the trainer trains on step t's, with the
+    policy of step t+1−k: exactly what --rollout_lag k computes (the largest staleness allowed, as verl's
+    one-step-off / prime-rl's max_off_policy_steps); 0 = off (sample, then train)"""
+    threads: Annotated[int, _a("rollout_threads")] = 0
+    """torch CPU threads of the --async_rollout worker (0 = the trainer's --threads); the trainer and the worker
+    split the cores"""
     logit_noise: Annotated[float, _a("rollout_logit_noise")] = 0.0
     """σ of Gaussian noise added to every logit the engine samples from (log μ is that noisy distribution's): a
     stress knob that scales the training–inference mismatch (*ours*; 0 = off)"""
@@ -288,7 +301,7 @@ class TrainConfig:
 SECTIONS = ("model", "task", "rollout", "method", "optim", "lora", "eval", "log")
 
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
-RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
+RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.threads", "rollout.vllm_gpu_memory_utilization", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
                      "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device",
                      "optim.gradient_checkpointing", "dist_timeout"}
 
@@ -308,6 +321,11 @@ def flat_names() -> dict[str, str]:
                 for alias in getattr(meta, "aliases", None) or ():
                     out[alias.lstrip("-")] = f"{sec}.{f.name}"
     return out
+
+
+def rollout_lag(cfg: TrainConfig) -> int:
+    """The run's staleness k: ``--async_rollout k`` computes what ``--rollout_lag k`` does (either may be given)."""
+    return max(cfg.rollout.lag, cfg.rollout.async_rollout)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

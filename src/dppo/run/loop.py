@@ -23,8 +23,10 @@ import os
 import signal
 import sys
 
+from dppo.engines.worker import RolloutWorkerError
 from dppo.run.checkpoint import latest_step
-from dppo.run.config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, save_config
+from dppo.run.config import (RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, rollout_lag,
+                             save_config)
 from dppo.run.distributed import setup
 from dppo.run.validate import validate
 from dppo.run.evaluate import eval_summary
@@ -75,8 +77,12 @@ def _check_resume(cfg: TrainConfig) -> None:
     path = os.path.join(cfg.out, "config.json")
     if not os.path.isfile(path):
         return
-    old, new = config_dict(load_config(path)), config_dict(cfg)
-    diff = [k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k]]
+    old_cfg = load_config(path)
+    old, new = config_dict(old_cfg), config_dict(cfg)
+    # --async_rollout k and --rollout_lag k compute the same run: a resume may switch between them
+    same = RESUME_MAY_CHANGE | ({"rollout.lag", "rollout.async_rollout"} if rollout_lag(old_cfg) == rollout_lag(cfg)
+                                else set())
+    diff = [k for k in new if k not in same and old.get(k) != new[k]]
     if diff:
         lines = ", ".join(f"{k}: {old.get(k)!r} → {new[k]!r}" for k in diff)
         raise ConfigError(f"{cfg.out} holds a checkpoint of a run with other settings ({lines}); pass a new --out "
@@ -123,6 +129,7 @@ def _train(cfg: TrainConfig, log, dist) -> list[dict]:
             state = dist.load(cfg.out, model=trainer.model, optimizer=trainer.optimizer,
                               scheduler=trainer.scheduler, map_location=cfg.device, log=log)
             start = int(state["step"])
+            trainer.restore(state)
             log(f"resuming {cfg.out} from step {start}")
         machine = dist.describe()  # [dist] world size and every process's device
         mlog = _NoLog()
@@ -140,8 +147,7 @@ def _train(cfg: TrainConfig, log, dist) -> list[dict]:
                              show_bar=dist.is_main)
         finally:
             mlog.close()
-            if hasattr(trainer.engine, "close"):  # vLLM: free its KV cache and process-wide state
-                trainer.engine.close()
+            trainer.close()  # vLLM: its KV cache and process-wide state; --async_rollout: the worker process
     if start < cfg.steps:
         dist.save_final(trainer, os.path.join(cfg.out, "final"))  # [dist] gathered, written by rank 0
         summary = eval_summary(read_metrics(os.path.join(cfg.out, "metrics.jsonl")))
@@ -184,6 +190,12 @@ def _steps(cfg: TrainConfig, trainer: Trainer, mlog: MetricsLog, start: int, sto
                 f"{e}: stopping. The last good checkpoint (step {kept if kept is not None else 'none'}) is kept in "
                 f"{cfg.out}/checkpoints; lower --lr, set --grad_clip, or pick a method with a trust region, then start "
                 "again on the same --out to resume from it") from None
+        except RolloutWorkerError as e:
+            kept = latest_step(cfg.out)
+            raise RolloutWorkerError(
+                f"step {step + 1}: {e}\nStopping. The last checkpoint (step {kept if kept is not None else 'none'}) "
+                f"is kept in {cfg.out}/checkpoints; run the same command again to resume from it (the batches in "
+                "flight are sampled again from their seeds)") from None
         done = step + 1
         if done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
             last_eval = trainer.evaluate(done)

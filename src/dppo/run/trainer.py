@@ -14,6 +14,10 @@
 Records flow one way (rollout → advantages → loss → update). The loop around it (resume, evaluation, checkpoints,
 preemption) is :mod:`dppo.run.loop`.
 
+Stale rollouts (:mod:`dppo.run.staleness`): with ``--rollout_lag k`` step t's batch is sampled with the policy of
+the start of step t−k (μ is still what the engine sampled with); ``--async_rollout k`` computes the same batches in a
+worker process (:mod:`dppo.engines.worker`) that samples step t+1's while the trainer trains on step t's.
+
 With ``--lora_rank`` the policy is a peft LoRA model (:mod:`dppo.hf.lora`): AdamW, the gradient clip and the
 checkpoints hold the adapters alone, and the engine samples with the merged weights W + (α/r)·B·A.
 """
@@ -36,8 +40,9 @@ from dppo.loss import aggregation_denominator, policy_loss
 from dppo.metrics import MetricPool
 from dppo.rollout import Rollout, SamplingParams, encode_prompts, prompt_seeds
 from dppo.run.batch import Batch
-from dppo.run.config import ConfigError, TrainConfig
+from dppo.run.config import ConfigError, TrainConfig, rollout_lag
 from dppo.run.distributed import Local
+from dppo.run.staleness import WeightHistory
 from dppo.run.validate import resolve_method, validate
 from dppo.run.evaluate import decode_responses, evaluate
 from dppo.tasks import make_task
@@ -93,13 +98,30 @@ class Trainer:
             raise ConfigError(str(e)) from None
         # Built before the adapters are added: a bf16 engine keeps a plain copy and is pushed merged LoRA weights.
         rc = cfg.rollout
-        self.engine = make_engine(rc.engine, self.model, self.model_path, eos_token_id=eos,
-                                  pad_token_id=self.tok.pad_token_id, dtype=rc.dtype, fp32_head=rc.fp32_head,
-                                  own_copy=self.dist.active,  # [dist] a sharded policy cannot be sampled with
-                                  batch_size=rc.batch_size, max_logprobs=self.method.topk, seed=cfg.seed,
-                                  vllm_max_model_len=rc.vllm_max_model_len,
-                                  vllm_gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
-                                  vllm_enforce_eager=rc.vllm_enforce_eager)
+        self.lag = rollout_lag(cfg)
+        # w_{t−k} … w_t while a later rollout may sample with them (shared memory: handed to the worker by handle)
+        self.history = WeightHistory(self.lag, share_memory=bool(rc.async_rollout)) if self.lag else None
+        self._inflight: dict = {}  # step → its batch, sampled by the worker while the trainer trains (--async_rollout)
+        self._engine_version: int | None = None  # the w_j the in-process engine holds (None: the current policy)
+        vllm_kw = dict(vllm_max_model_len=rc.vllm_max_model_len,
+                       vllm_gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
+                       vllm_enforce_eager=rc.vllm_enforce_eager)
+        if rc.async_rollout:
+            from dppo.engines.worker import EngineSpec, EngineWorker
+
+            self.engine = EngineWorker(EngineSpec(
+                name=rc.engine, model_path=self.model_path, eos_token_id=list(eos), pad_token_id=self.tok.pad_token_id,
+                dtype=rc.dtype, fp32_head=rc.fp32_head, batch_size=rc.batch_size, max_logprobs=self.method.topk,
+                seed=cfg.seed, device=self._device(), threads=rc.threads or cfg.threads or 1,
+                vllm=vllm_kw))
+            log(f"async rollout: {self.engine.description}, staleness {rc.async_rollout}")
+        else:
+            self.engine = make_engine(rc.engine, self.model, self.model_path, eos_token_id=eos,
+                                      pad_token_id=self.tok.pad_token_id, dtype=rc.dtype, fp32_head=rc.fp32_head,
+                                      # [dist] a sharded policy cannot be sampled with; a lagged engine holds w_{t−k}
+                                      own_copy=self.dist.active or self.lag > 0,
+                                      batch_size=rc.batch_size, max_logprobs=self.method.topk, seed=cfg.seed,
+                                      **vllm_kw)
         self._add_lora()
         self.train_modules = enable_gradient_checkpointing(self.model) if cfg.optim.gradient_checkpointing else []
         if cfg.lora.rank and cfg.lora.dropout > 0:
@@ -119,6 +141,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.autocast = torch.bfloat16 if oc.train_dtype == "bf16" else None
         self._describe(eos)
+
+    def _device(self) -> str:
+        """This process's device ([dist] under torchrun on CUDA: the GPU of its LOCAL_RANK)."""
+        d = self.cfg.device
+        return f"cuda:{self.dist.local_rank}" if d == "cuda" and self.dist.active else d
 
     def _add_lora(self) -> None:
         lc = self.cfg.lora
@@ -202,6 +229,9 @@ class Trainer:
         # 5. the step's record (names and meanings: dppo.metrics)
         rec = self._record(step, rewards, correct, mask, finished, adv, entropy)
         rec["reward/bad"] = float(n_bad)
+        rec["rollout/lag"] = float(step - self.history.version_for(step)) if self.history is not None else 0.0
+        if cfg.rollout.async_rollout:
+            rec["time/rollout_worker"] = self._worker_seconds
         rec.update({f"loss/{k}": v for k, v in pooled.items()})
         # the first mini-batch runs before any update, with the engine's weights: its π − μ is the
         # training–inference mismatch alone (precision, kernels, misaligned pipelines), without policy drift
@@ -214,19 +244,52 @@ class Trainer:
         return rec
 
     def rollout(self, step: int) -> tuple[Rollout, list, list[str]]:
-        """Step ``step``'s rollout with the current weights: (Rollout, the prompt of each response, the decoded
-        responses). A pure function of (seed, step, weights); each prompt's responses of (seed, step, its index)."""
+        """Step ``step``'s rollout: (Rollout, the prompt of each response, the decoded responses), sampled with the
+        policy of the start of step max(step − k, 0) (k = ``--rollout_lag``; 0: the current weights). A pure function
+        of (seed, step, those weights); each prompt's responses of (seed, step, its index)."""
+        g = self.cfg.rollout.group_size
+        examples, ids, mask, seeds = self._batch_inputs(step)
+        if self.history is not None:
+            self.history.push(step, self.model)  # w_step, before this step's first update ([dist] a collective)
+        if self.cfg.rollout.async_rollout:
+            pending = self._inflight.pop(step, None) or self._submit(step, ids, mask, seeds)
+            if step + 1 < self.cfg.steps:  # sampled by the worker while this step trains: w_{step+1−k} is known now
+                self._inflight[step + 1] = self._submit(step + 1, *self._batch_inputs(step + 1)[1:])
+            ro = self.engine.result(pending, self.cfg.device)
+            self._worker_seconds = pending.seconds
+        else:
+            self._engine_weights(step)
+            ro = self.engine.generate(ids, mask, self.sampling, num_samples=g, seeds=seeds)
+        per_response = [ex for ex in examples for _ in range(g)]
+        return ro, per_response, decode_responses(self.tok, ro)
+
+    def _batch_inputs(self, step: int) -> tuple[list, torch.Tensor, torch.Tensor, list[int]]:
+        """This process's prompts of step ``step`` (whole groups, padded as all of them), their ids and mask, and
+        their per-prompt seeds (per prompt, not per process: the same samples for any process count)."""
         cfg = self.cfg
         examples = self.task.train_examples(step, cfg.rollout.prompts_per_step, cfg.seed)
         ids, mask = encode_prompts(self.tok, [e.prompt for e in examples],
                                    cfg.task.chat_template and self.task.use_chat_template, cfg.device)
-        mine = self.dist.share(len(examples))  # [dist] this process's prompts (whole groups), padded as all of them
-        seeds = prompt_seeds(seed_of(cfg.seed, "rollout", step), len(examples))[mine]  # per prompt, not per process
-        self.engine.sync(self.model)
-        ro = self.engine.generate(ids[mine], mask[mine], self.sampling, num_samples=cfg.rollout.group_size,
-                                  seeds=seeds)
-        per_response = [ex for ex in examples[mine] for _ in range(cfg.rollout.group_size)]
-        return ro, per_response, decode_responses(self.tok, ro)
+        mine = self.dist.share(len(examples))  # [dist] this process's share
+        seeds = prompt_seeds(seed_of(cfg.seed, "rollout", step), len(examples))[mine]
+        return examples[mine], ids[mine], mask[mine], seeds
+
+    def _engine_weights(self, step: int) -> None:
+        """Give the in-process engine the weights step ``step`` samples with: the policy's (k = 0) or w_{step−k}."""
+        if self.history is None:
+            self.engine.sync(self.model)
+            return
+        v = self.history.version_for(step)
+        if self._engine_version != v:
+            self.engine.load_weights(self.history.weights(v))
+            self._engine_version = v
+
+    def _submit(self, step: int, ids: torch.Tensor, mask: torch.Tensor, seeds: list[int]):
+        """Queue step ``step``'s batch on the rollout worker, with w_{step−k} (--async_rollout)."""
+        v = self.history.version_for(step)
+        self.engine.load_weights(self.history.weights(v), version=v)
+        return self.engine.submit(ids, mask, self.sampling, num_samples=self.cfg.rollout.group_size, seeds=seeds,
+                                  what=f"sampling step {step + 1}'s batch")
 
     def logp(self, ro: Rollout) -> torch.Tensor:
         """[N, T] log π_θ(a_t) of the current policy on a rollout's responses (no grad)."""
@@ -336,6 +399,7 @@ class Trainer:
         t = time.perf_counter()
         ec = self.cfg.eval
         self.engine.sync(self.model)
+        self._engine_version = None
         out = evaluate(self.engine, self.tok, self.task, max_new_tokens=self.max_new_tokens,
                        temperature=ec.temperature, top_p=ec.top_p, samples=ec.samples,
                        seed=seed_of(seed_of(self.cfg.seed, step), "eval"), device=self.cfg.device,
@@ -346,6 +410,25 @@ class Trainer:
 
     def save(self, step: int) -> str:
         # [dist] one process: state.pt (dppo.run.checkpoint); torchrun: sharded (dppo.run.dist_checkpoint)
+        extra = {"model_path": self.model_path}
+        if self.history is not None:  # the earlier policies later steps still sample with (--rollout_lag)
+            extra["rollout_weights"] = self.history.state(step)
         return self.dist.save(self.cfg.out, step=step, model=self.model, optimizer=self.optimizer,
                               scheduler=self.scheduler, data_position=step * self.cfg.rollout.prompts_per_step,
-                              extra={"model_path": self.model_path}, keep=self.cfg.log.keep_checkpoints)
+                              extra=extra, keep=self.cfg.log.keep_checkpoints)
+
+    def restore(self, state: dict) -> None:
+        """After a checkpoint of ``state["step"]`` steps was loaded into the model and optimizer: the rest of the
+        trainer's state (the snapshots a stale rollout samples with)."""
+        if self.history is not None:
+            weights = state.get("extra", {}).get("rollout_weights")
+            if weights is None:
+                raise ConfigError(f"the checkpoint of step {state['step']} in {self.cfg.out} was written without "
+                                  f"--rollout_lag / --async_rollout, so it holds no earlier policies to sample with")
+            self.history.load(weights, int(state["step"]))
+
+    def close(self) -> None:
+        """Free the engine (vLLM's KV cache and process state; the rollout worker process)."""
+        self._inflight.clear()
+        if hasattr(self.engine, "close"):
+            self.engine.close()

@@ -57,6 +57,13 @@ def validate(cfg: TrainConfig) -> None:
     need(ro.top_k >= 0, f"--top_k must be >= 0 (0 = off), got {ro.top_k}")
     need(0 < ro.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {ro.top_p}")
     need(ro.logit_noise >= 0, f"--rollout_logit_noise must be >= 0 (0 = off), got {ro.logit_noise}")
+    need(ro.lag >= 0, f"--rollout_lag must be >= 0 (0 = on-policy), got {ro.lag}")
+    need(ro.async_rollout >= 0, f"--async_rollout must be >= 0 (0 = off; k >= 1 = the staleness), got "
+         f"{ro.async_rollout}")
+    need(not (ro.async_rollout and ro.lag and ro.lag != ro.async_rollout),
+         f"--async_rollout {ro.async_rollout} samples with the staleness it names; --rollout_lag {ro.lag} asks for "
+         "another: give one of them (--async_rollout k computes exactly what --rollout_lag k does)")
+    need(ro.threads >= 0, f"--rollout_threads must be >= 0 (0 = --threads), got {ro.threads}")
     need(ro.batch_size >= 1, f"--rollout_batch_size must be >= 1 (responses generated at a time), got {ro.batch_size}")
     need(0 < ro.vllm_gpu_memory_utilization <= 1, "--vllm_gpu_memory_utilization must be in (0, 1], got "
          f"{ro.vllm_gpu_memory_utilization}")
@@ -69,6 +76,9 @@ def validate(cfg: TrainConfig) -> None:
              "head in the engine dtype); use --rollout_dtype fp32 or --engine hf")
         need(ro.logit_noise == 0, "--rollout_logit_noise is an HF-engine study (it changes μ's distribution); use "
              "--engine hf")
+        need(ro.dtype != "fp8" or cfg.device.startswith("cuda"),
+             "--rollout_dtype fp8 with --engine vllm needs a CUDA GPU (vLLM's FP8 quantisation has no CPU kernels); "
+             "on a CPU use --engine hf --rollout_dtype fp8 (FP8 e4m3 weights, per-channel scales, bf16 compute)")
     need(ro.max_new_tokens >= 0, f"--max_new_tokens must be >= 0 (0 = the task's default), got {ro.max_new_tokens}")
     need(ev.temperature >= 0, f"--eval_temperature must be >= 0 (0 = greedy), got {ev.temperature}")
     need(0 < ev.top_p <= 1, f"--eval_top_p must be in (0, 1] (1 = off), got {ev.top_p}")
