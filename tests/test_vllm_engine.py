@@ -157,6 +157,24 @@ def test_sync_serves_the_new_weights_with_a_cached_prefix(served, tok):
             - ro.rollout_logp)[ro.response_mask].abs().max() > 1e-2  # the old weights would not pass
 
 
+def test_load_weights_of_an_earlier_snapshot(served, tok):
+    """--rollout_lag with vLLM: a snapshot taken before the policy moved is loaded (not the moved policy) and served."""
+    from dppo.engines.weights import snapshot
+
+    _, model, eng = served
+    moved = copy.deepcopy(model)
+    old = snapshot(moved)  # w_{t−k}: later updates of the policy must not reach it
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
+    eng.sync(moved)
+    eng.load_weights(old)
+    ids, mask = encode(tok)
+    sp = SamplingParams(6, record_topk=3)
+    ro = eng.generate(ids, mask, sp, num_samples=4, generator=torch.Generator().manual_seed(5))
+    check_against(model, ro, sp)
+
+
 def test_lora_policy_syncs_merged_weights(served, tok):
     pytest.importorskip("peft")
     from dppo.hf.lora import apply_lora
