@@ -31,6 +31,9 @@ SETTINGS = {
     # fp32 engine: a bf16 engine rounds the merged W + B·A, and a 1e-8 difference in B (reduction order) can flip
     # one element's bf16 rounding, moving log μ by ~1e-3 on its tokens (seen: 1 % in mismatch/* at step 3)
     "lora": (dict(lora_rank=4, gradient_checkpointing=True, lr=1e-2, rollout_dtype="fp32"), 3, None),
+    # each process overlaps its own rollout worker; the one-process reference samples synchronously with the same
+    # staleness (--rollout_lag 1): the same batches, whatever the process count or the overlap
+    "async": (dict(async_rollout=1), 3, None),
     # negative controls: FSDP's default averaging over processes; each process's own mean, averaged (plain DDP); and
     # each process's own mean, summed (DDP/FSDP on gloo, whose AVG returns the sum: pytorch#162338)
     "averaged": (dict(), 1, "average"),
@@ -58,6 +61,8 @@ def run(name: str, out: str, cache: str, dist) -> dict:
     from dppo.hf.lora import is_peft_model
 
     cfg = config(name, out, cache)
+    if cfg.rollout.async_rollout and not dist.active:
+        cfg.rollout.lag, cfg.rollout.async_rollout = cfg.rollout.async_rollout, 0
     _, steps, mutation = SETTINGS[name]
     mutation = mutation if dist.active else None  # the one-process reference runs every setting as it should
     if DATA not in sys.path:

@@ -91,7 +91,7 @@ def _differences(a: dict, b: dict) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("name", ["default", "uneven", "topk", "recompute", "lora"])
+@pytest.mark.parametrize("name", ["default", "uneven", "topk", "recompute", "lora", "async"])
 def test_two_processes_give_the_one_process_run(runs, name):
     one, two, _ = runs
     a, b = one[name], two[name]

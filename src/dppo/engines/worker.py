@@ -25,6 +25,7 @@ import queue
 import signal
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class EngineWorker(RolloutEngine):
         self._proc = ctx.Process(target=_serve, args=(spec, self._requests, self._answers, os.getpid()),
                                  name="dppo-rollout-worker", daemon=True)
         self._proc.start()
+        # a trainer never closed (an error, a script that just ends) still stops its worker at exit, before
+        # multiprocessing's own exit handler would SIGTERM it (which the worker ignores) and wait for it forever
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._requests, 30.0)
         self._pending: deque[Pending] = deque()
         self._version: object = None  # the weights the worker holds (or will, once its queue reaches them)
         ready = Pending("starting the engine")
@@ -128,13 +132,9 @@ class EngineWorker(RolloutEngine):
         if self._proc is None:
             return
         try:
-            if self._proc.is_alive():
-                self._requests.put(("stop",))
-                self._proc.join(timeout)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(5)
+            _stop(self._proc, self._requests, timeout)
         finally:
+            self._finalizer.detach()
             self._proc = None
             self._pending.clear()
 
@@ -170,6 +170,20 @@ class EngineWorker(RolloutEngine):
                 raise RolloutWorkerError(f"the rollout worker (pid {self._proc.pid}) failed while {head.what}:\n"
                                          f"{value}")
             head.done, head.value, head.seconds = True, value, seconds
+
+
+def _stop(proc, requests, timeout: float) -> None:
+    """Ask the worker to stop after its queued requests; SIGKILL it if it has not within ``timeout`` seconds (it
+    ignores SIGTERM)."""
+    if proc.is_alive():
+        try:
+            requests.put(("stop",))
+        except (OSError, ValueError):  # the queue is gone (interpreter shutdown)
+            pass
+        proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
 
 
 def _serve(spec: EngineSpec, requests, answers, parent: int) -> None:
