@@ -49,7 +49,7 @@ try:
     import trl
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("dppo.integrations.trl needs TRL: pip install 'dppo[trl]'") from e
+    raise ImportError("dppo.integrations.trl needs TRL: pip install -e '.[trl]' in a dppo clone") from e
 
 import dppo
 from dppo.engines import HFEngine
