@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from dppo.integrations import trl as dtrl  # noqa: E402
 from dppo.integrations.trl import DPPOConfig, DPPOTrainer  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_dppo.py"
 PROMPTS = ["1+2=", "13+4=", "7+7=", "2+30="]
 
 
@@ -425,3 +427,18 @@ def test_readme_trl_example_runs_as_written(model_dir, tmp_path, monkeypatch):
     trainer = env["trainer"]
     assert isinstance(trainer, DPPOTrainer) and trainer.state.global_step > 0
     assert any("dppo/masked_frac" in h for h in trainer.state.log_history)
+
+
+def test_example_script_runs(model_dir, tmp_path):
+    """examples/trl_dppo.py with TRL's own argument parser, a Top-K preset, on the tiny model (2 steps)."""
+    ns = runpy.run_path(str(EXAMPLE))
+    assert ns["sum_reward"](["82", " 82 is it", "820", "8", "x82"], ["82"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    argv = ["--model_name_or_path", model_dir, "--output_dir", str(tmp_path), "--method", "dppo-topk-kl",
+            "--use_cpu", "--bf16", "false", "--max_steps", "2", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "4", "--num_problems", "16",
+            "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true"]
+    trainer = ns["main"](*ns["parse"](argv))
+    assert isinstance(trainer, DPPOTrainer) and trainer.args.dppo_method.name == "dppo-topk-kl"
+    logs = [h for h in trainer.state.log_history if "dppo/masked_frac" in h]
+    assert trainer.state.global_step == 2 and len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert (tmp_path / "model.safetensors").exists()

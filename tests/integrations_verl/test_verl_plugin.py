@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from dppo.integrations import verl as dverl  # noqa: E402
 from dppo.methods import replace  # noqa: E402
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "verl_dppo.sh"
 SERVED = [n for n in dppo.PRESETS if dverl.refusal(n) is None]
 REFUSED = [n for n in dppo.PRESETS if dverl.refusal(n) is not None]
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"]
@@ -354,3 +356,38 @@ def test_readme_yaml_runs_as_written():
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(grad, lp.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_example_launch_script_composes_with_verls_config(tmp_path):
+    """examples/verl_dppo.sh run with PYTHON = a stand-in that records its argv (no GPU, no Ray): its two commands
+    (dppo's check, then verl's main_ppo) get the same overrides; composed by Hydra with verl's own config files they
+    pass dppo's check_config and verl's own validate_config (main_ppo's driver-side check), and the loss built from
+    that actor config runs with μ = the rollout's log-probs, δ = 0.15, C = ∞."""
+    from verl.trainer.main_ppo import validate_config
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+
+    log, shim = tmp_path / "argv", tmp_path / "python"
+    shim.write_text('#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\0" "$a"; done >> "$ARGV_LOG"\n'
+                    'printf "\\036\\0" >> "$ARGV_LOG"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(shim), "ARGV_LOG": str(log), "MODEL": "/models/tiny"}
+    subprocess.run(["bash", str(EXAMPLE), "trainer.total_epochs=2"], env=env, check=True, timeout=60)
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\036\0")[:-1]]
+    assert [c[:2] for c in calls] == [["-m", "dppo.integrations.verl"], ["-m", "verl.trainer.main_ppo"]]
+    assert calls[0][2:] == calls[1][2:] and calls[1][-1] == "trainer.total_epochs=2"
+    cfg = dverl.load_verl_config(calls[1][2:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert dverl.check_config(cfg) == []
+    OmegaConf.resolve(cfg)  # as verl's TaskRunner does
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # validate_config notes that GRPO needs no critic
+        validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    assert cfg.actor_rollout_ref.model.path == "/models/tiny" and cfg.trainer.total_epochs == 2
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    m = dverl.method_for(actor.policy_loss.loss_mode[len("dppo/"):], actor, warn=False)
+    assert (m.name, m.delta_low, m.delta_high, m.ratio_cap) == ("dppo-binary-tv", 0.15, 0.15, math.inf)
+    mu, logp, adv, mask = verl_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        call(get_policy_loss_fn(actor.policy_loss.loss_mode), actor, mu, logp, adv, mask, actor.loss_agg_mode)

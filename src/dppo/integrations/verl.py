@@ -271,5 +271,7 @@ def load_verl_config(overrides: list[str] | tuple[str, ...] = ()) -> Any:
 if __name__ == "__main__":  # python -m dppo.integrations.verl actor_rollout_ref.actor.policy_loss.loss_mode=dppo/...
     import sys
 
-    msgs = check_config(load_verl_config(sys.argv[1:]))
+    # the Hydra overrides of a main_ppo command line; its flags (--cfg job, -m, --config-name=...) are not overrides
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    msgs = check_config(load_verl_config(overrides))
     print("\n".join(msgs) if msgs else "no warnings")
