@@ -282,7 +282,8 @@ def test_verls_default_config_is_refused_at_the_loss_with_the_fix():
     with pytest.raises(ValueError, match="silently anchor to π_old"):
         dverl.check_config(default)
     fixed = dverl.load_verl_config(DEFAULT + list(dverl.BYPASS_OVERRIDES) + [
-        "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/dppo-binary-tv", "actor_rollout_ref.actor.clip_ratio_c=null",
+        "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/dppo-binary-tv",
+        "actor_rollout_ref.actor.clip_ratio_c=null",
         "actor_rollout_ref.actor.clip_ratio_low=0.15", "actor_rollout_ref.actor.clip_ratio_high=0.15"])
     OmegaConf.resolve(fixed)  # as verl's TaskRunner does before building the workers
     dverl._STATED.clear()  # a fresh process
@@ -300,7 +301,8 @@ def test_verls_default_config_is_refused_at_the_loss_with_the_fix():
         dverl.logger.removeHandler(handler)
     assert len(records) == 1, records  # once per process
     line = records[0].getMessage()
-    assert "the rollout's log-probs (bypass mode" in line and "C = inf (the preset's: actor.clip_ratio_c is null)" in line
+    assert "the rollout's log-probs (bypass mode" in line
+    assert "C = inf (the preset's: actor.clip_ratio_c is null)" in line
     # the actor's view of bypass mode contradicting algorithm's is refused before any worker starts
     lying = dverl.load_verl_config(DEFAULT + [
         "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/dppo-binary-tv",

@@ -67,7 +67,8 @@ TOPK_MISSING = (
     "loss.) Use dppo-binary-tv / dppo-binary-kl, or dppo.integrations.trl / dppo's own trainer for Top-K"
 )
 # The Hydra overrides that make μ the rollout's and visible to the loss (quote the last one in a shell: it holds ${})
-BYPASS_OVERRIDES = ("algorithm.rollout_correction.bypass_mode=true", "actor_rollout_ref.rollout.calculate_log_probs=true",
+BYPASS_OVERRIDES = ("algorithm.rollout_correction.bypass_mode=true",
+                    "actor_rollout_ref.rollout.calculate_log_probs=true",
                     "++actor_rollout_ref.actor.policy_loss.rollout_correction=${algorithm.rollout_correction}")
 MU_UNCONFIRMED = (
     "μ is not known to be the rollout's: this loss received no rollout_is_weights and the actor config does not show "
@@ -152,7 +153,7 @@ def _state_once(name: str, m: Method, config: Any, mu: str) -> None:
     logger.warning(f"{name}: μ = old_log_prob, {mu}; δ_low/high = {m.delta_low}/{m.delta_high} (from "
                    f"actor.clip_ratio_low/high where the preset thresholds a side); C = {m.ratio_cap} ("
                    + ("the preset's: actor.clip_ratio_c is null)" if cap is None else "from actor.clip_ratio_c)")
-                   + f"; aggregation: verl's agg_loss, actor.loss_agg_mode")
+                   + "; aggregation: verl's agg_loss, actor.loss_agg_mode")
 
 
 def _agg_weights(mask: torch.Tensor, mode: str, info: dict, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ says "Unsupported loss mode: dppo/..."; here the failure becomes a warning at ``
 import warnings
 
 try:
-    from dppo.integrations import verl as _verl  # noqa: F401  (registers the losses)
+    import dppo.integrations.verl  # noqa: F401  (registers the losses)
 except Exception as e:  # noqa: BLE001 - any failure must reach the user, whatever it is
     warnings.warn(f"dppo's verl plug-in failed to import, so no dppo/* policy loss is registered (verl will report "
                   f"'Unsupported loss mode'): {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
