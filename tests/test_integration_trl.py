@@ -1,10 +1,13 @@
 """dppo.integrations.trl against the real TRL GRPOTrainer (1.16.0) on CPU, with a tiny Qwen3 saved to a temp dir.
 
-* drift guard: the GRPOTrainer surface DPPOTrainer relies on (signatures, the options its loss reads, batch keys);
+* drift guard: the GRPOTrainer surface DPPOTrainer relies on (signatures, the options its loss reads, batch keys, the
+  private members it names in PRIVATE_TRL);
+* settings that cannot give the rollout's μ refused when the trainer is built (tools, unrecordable sampling, ...);
 * on one fixed batch from a real rollout, for every preset: DPPOTrainer's loss and gradient = ``dppo.policy_loss`` on
   log π recomputed naively (full log_softmax of the logits), in float64; also across gradient accumulation;
 * training runs for every preset with nothing but the method passed; the mask fires with several iterations per
-  batch; the reward rises on a task the tiny model learns in seconds; the README example runs as written.
+  batch; the reward rises on a task the tiny model learns in seconds; the README example and examples/trl_dppo.py
+  run as written.
 """
 
 from __future__ import annotations
