@@ -1,6 +1,6 @@
 """dppo installs as a package: ``python -m build`` makes an sdist and a wheel, and the wheel, installed into a clean
-venv with nothing but its declared dependencies (torch, pinned by .venv's constraints file to the build already
-installed), runs ``dppo demo`` and exposes verl's plug-in entry point, whose module is in the wheel."""
+venv with nothing but its declared dependencies (torch, pinned to the version installed here, as
+scripts/bootstrap.sh pins it), runs ``dppo demo`` and exposes verl's plug-in entry point, whose module is in the wheel."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("build")  # the `test` extra installs it
 
@@ -51,9 +52,9 @@ def test_build_makes_sdist_and_wheel_that_installs_and_runs_in_a_clean_venv(tmp_
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-compile",
            "--disable-pip-version-check"]
-    constraints = Path(sys.prefix) / "constraints.txt"  # scripts/bootstrap.sh: torch pinned to the installed build
-    if constraints.exists():
-        pip += ["-c", str(constraints)]
+    constraints = tmp_path / "constraints.txt"  # as scripts/bootstrap.sh: torch pinned to the build installed here
+    constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+    pip += ["-c", str(constraints)]
     subprocess.run(pip + [str(wheel)], check=True, capture_output=True, text=True, timeout=600)
 
     demo = subprocess.run([str(venv / "bin" / "dppo"), "demo"], check=True, capture_output=True, text=True,
