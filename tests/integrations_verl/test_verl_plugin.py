@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import os
 import re
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -34,10 +36,12 @@ from dppo.integrations import verl as dverl  # noqa: E402
 from dppo.methods import replace  # noqa: E402
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "verl_dppo.sh"
 SERVED = [n for n in dppo.PRESETS if dverl.refusal(n) is None]
 REFUSED = [n for n in dppo.PRESETS if dverl.refusal(n) is not None]
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"]
-BASE = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]
+DEFAULT = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]  # verl's defaults otherwise
+BASE = DEFAULT + list(dverl.BYPASS_OVERRIDES)  # bypass mode, shown to the loss
 _BASE_CFG = []
 
 
@@ -131,11 +135,25 @@ def test_import_verl_registers_dppo_losses_through_the_entry_point():
     from importlib.metadata import entry_points
 
     eps = {e.name: e.value for e in entry_points(group="verl.plugins")}
-    assert eps.get("dppo") == "dppo.integrations.verl"
+    assert eps.get("dppo") == "dppo.integrations.verl_plugin"
     fn = get_policy_loss_fn("dppo/dppo-binary-tv")
     assert fn.__module__ == "dppo.integrations.verl"
     assert {f"dppo/{n}" for n in dppo.PRESETS} <= set(core_algos.POLICY_LOSS_REGISTRY)
     assert get_policy_loss_fn("dppo_tv") is not fn  # verl's own stays
+
+
+def test_plugin_import_failure_is_a_warning(monkeypatch):
+    """verl loads entry points with a bare except and logs at DEBUG; dppo's entry point turns a failure into a
+    warning that names it (here: dppo.methods made unimportable)."""
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, "dppo.integrations.verl_plugin", raising=False)
+    monkeypatch.delitem(sys.modules, "dppo.integrations.verl")
+    monkeypatch.delattr(sys.modules["dppo.integrations"], "verl")
+    monkeypatch.setitem(sys.modules, "dppo.methods", None)
+    with pytest.warns(RuntimeWarning, match="dppo's verl plug-in failed to import.*ModuleNotFoundError.*dppo.methods"):
+        importlib.import_module("dppo.integrations.verl_plugin")
 
 
 # ------------------------------------------------------------------------------------------------ loss = policy_loss
@@ -231,31 +249,76 @@ def test_topk_refusal_facts_still_hold_in_verl():
 
 
 def test_warnings_on_verl_defaults():
+    """δ and C read from verl's fields as verl's own dppo_tv reads them (a cap of 3 can be chosen); null C is the
+    preset's; verl's defaults in play are named."""
     mu, logp, adv, mask = verl_batch()
     fn = get_policy_loss_fn("dppo/dppo-binary-kl")
     with pytest.warns(UserWarning) as rec:
         call(fn, actor_config(**{"policy_loss.loss_mode": "dppo/dppo-binary-kl"}), mu, logp, adv, mask, "token-mean")
     text = " ".join(str(w.message) for w in rec)
-    assert "clip_ratio_c = 3.0" in text and "C = inf" in text
+    assert "clip_ratio_c = 3.0 (verl's default" in text and "own C is inf" in text and "clip_ratio_c=null" in text
     assert "clip_ratio_low/high are verl's PPO defaults" in text
     m = dverl.method_for("dppo-binary-kl", actor_config(), warn=False)
-    assert (m.delta_low, m.delta_high, m.ratio_cap) == (0.2, 0.2, math.inf)  # δ read from verl, cap not
+    assert (m.delta_low, m.delta_high, m.ratio_cap) == (0.2, 0.2, 3.0)  # verl's fields, as verl reads them
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = actor_config(**preset_overrides("dppo-binary-kl"))
         call(fn, cfg, mu, logp, adv, mask, "token-mean")
+        null = actor_config(clip_ratio_c=None, clip_ratio_low=0.05, clip_ratio_high=0.05)
+        assert dverl.method_for("dppo-binary-kl", null).ratio_cap == math.inf  # null: the preset's own C
         capped = actor_config(clip_ratio_c=7.0, clip_ratio_low=0.05, clip_ratio_high=0.05)
-        assert dverl.method_for("dppo-binary-kl", capped).ratio_cap == 7.0  # a configured cap is used
+        assert dverl.method_for("dppo-binary-kl", capped).ratio_cap == 7.0
 
 
-def test_check_config_warns_about_mu_and_the_legacy_trainer():
+def test_verls_default_config_is_refused_at_the_loss_with_the_fix():
+    """verl's default rollout_correction (bypass_mode=false, rollout_is=null): old_log_prob is the recomputed π_old
+    and nothing tells the loss. It raises naming the overrides; they, composed by Hydra with verl's config files,
+    make it run (and the first call logs what it uses)."""
+    mu, logp, adv, mask = verl_batch()
+    fn = get_policy_loss_fn("dppo/dppo-binary-tv")
+    default = dverl.load_verl_config(DEFAULT + ["actor_rollout_ref.actor.policy_loss.loss_mode=dppo/dppo-binary-tv"])
+    with pytest.raises(ValueError, match="silently anchor to π_old.*" + re.escape(dverl.BYPASS_OVERRIDES[-1])):
+        call(fn, omega_conf_to_dataclass(default.actor_rollout_ref.actor), mu, logp, adv, mask, "token-mean")
+    with pytest.raises(ValueError, match="silently anchor to π_old"):
+        dverl.check_config(default)
+    fixed = dverl.load_verl_config(DEFAULT + list(dverl.BYPASS_OVERRIDES) + [
+        "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/dppo-binary-tv",
+        "actor_rollout_ref.actor.clip_ratio_c=null",
+        "actor_rollout_ref.actor.clip_ratio_low=0.15", "actor_rollout_ref.actor.clip_ratio_high=0.15"])
+    OmegaConf.resolve(fixed)  # as verl's TaskRunner does before building the workers
+    dverl._STATED.clear()  # a fresh process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dverl.check_config(fixed) == []
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dverl.logger.addHandler(handler)
+    try:
+        call(fn, omega_conf_to_dataclass(fixed.actor_rollout_ref.actor), mu, logp, adv, mask, "token-mean")
+        call(fn, omega_conf_to_dataclass(fixed.actor_rollout_ref.actor), mu, logp, adv, mask, "token-mean")
+    finally:
+        dverl.logger.removeHandler(handler)
+    assert len(records) == 1, records  # once per process
+    line = records[0].getMessage()
+    assert "the rollout's log-probs (bypass mode" in line
+    assert "C = inf (the preset's: actor.clip_ratio_c is null)" in line
+    # the actor's view of bypass mode contradicting algorithm's is refused before any worker starts
+    lying = dverl.load_verl_config(DEFAULT + [
+        "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/dppo-binary-tv",
+        "++actor_rollout_ref.actor.policy_loss.rollout_correction.bypass_mode=true"])
+    with pytest.raises(ValueError, match="Link them"):
+        dverl.check_config(lying)
+
+
+def test_check_config_warns_about_decoupled_mode_and_the_legacy_trainer():
     """Hydra overrides, as on verl's command line (also what `python -m dppo.integrations.verl` takes)."""
-    quiet = BASE + ["actor_rollout_ref.actor.clip_ratio_c=5.0",
-                    "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/cispo"]
+    quiet = DEFAULT + ["actor_rollout_ref.actor.clip_ratio_c=5.0",
+                       "actor_rollout_ref.actor.policy_loss.loss_mode=dppo/cispo"]
     with pytest.warns(UserWarning):
-        off = dverl.check_config(dverl.load_verl_config(quiet))
-    assert len(off) == 1 and "bypass_mode=False" in off[0]
-    on = quiet + ["algorithm.rollout_correction.bypass_mode=true"]
+        off = dverl.check_config(dverl.load_verl_config(quiet + ["algorithm.rollout_correction.rollout_is=token"]))
+    assert len(off) == 1 and "decoupled mode" in off[0]
+    on = quiet + list(dverl.BYPASS_OVERRIDES)
     with pytest.warns(UserWarning):
         legacy = dverl.check_config(dverl.load_verl_config(on + ["trainer.use_v1=false"]))
     assert len(legacy) == 1 and "legacy trainer" in legacy[0]
@@ -276,7 +339,10 @@ def test_readme_yaml_runs_as_written():
     text = README.read_text()
     section = text[text.index("## Use dppo inside TRL / verl"):]
     yaml = re.search(r"```yaml\n(.*?)```", section[section.index("### verl"):], re.S).group(1)
-    cfg = OmegaConf.merge(trainer_config(), OmegaConf.create(yaml))
+    base = dverl.load_verl_config(DEFAULT)
+    OmegaConf.set_struct(base, False)  # as Hydra merges a config file that lists ppo_trainer in its defaults
+    cfg = OmegaConf.merge(base, OmegaConf.create(yaml))
+    OmegaConf.set_struct(cfg, True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dverl.check_config(cfg) == []
@@ -292,3 +358,38 @@ def test_readme_yaml_runs_as_written():
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(grad, lp.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_example_launch_script_composes_with_verls_config(tmp_path):
+    """examples/verl_dppo.sh run with PYTHON = a stand-in that records its argv (no GPU, no Ray): its two commands
+    (dppo's check, then verl's main_ppo) get the same overrides; composed by Hydra with verl's own config files they
+    pass dppo's check_config and verl's own validate_config (main_ppo's driver-side check), and the loss built from
+    that actor config runs with μ = the rollout's log-probs, δ = 0.15, C = ∞."""
+    from verl.trainer.main_ppo import validate_config
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+
+    log, shim = tmp_path / "argv", tmp_path / "python"
+    shim.write_text('#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\0" "$a"; done >> "$ARGV_LOG"\n'
+                    'printf "\\036\\0" >> "$ARGV_LOG"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(shim), "ARGV_LOG": str(log), "MODEL": "/models/tiny"}
+    subprocess.run(["bash", str(EXAMPLE), "trainer.total_epochs=2"], env=env, check=True, timeout=60)
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\036\0")[:-1]]
+    assert [c[:2] for c in calls] == [["-m", "dppo.integrations.verl"], ["-m", "verl.trainer.main_ppo"]]
+    assert calls[0][2:] == calls[1][2:] and calls[1][-1] == "trainer.total_epochs=2"
+    cfg = dverl.load_verl_config(calls[1][2:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert dverl.check_config(cfg) == []
+    OmegaConf.resolve(cfg)  # as verl's TaskRunner does
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # validate_config notes that GRPO needs no critic
+        validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    assert cfg.actor_rollout_ref.model.path == "/models/tiny" and cfg.trainer.total_epochs == 2
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    m = dverl.method_for(actor.policy_loss.loss_mode[len("dppo/"):], actor, warn=False)
+    assert (m.name, m.delta_low, m.delta_high, m.ratio_cap) == ("dppo-binary-tv", 0.15, 0.15, math.inf)
+    mu, logp, adv, mask = verl_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        call(get_policy_loss_fn(actor.policy_loss.loss_mode), actor, mu, logp, adv, mask, actor.loss_agg_mode)

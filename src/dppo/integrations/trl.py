@@ -5,27 +5,40 @@
     trainer = DPPOTrainer(model=..., reward_funcs=..., args=DPPOConfig(method="dppo-binary-tv", ...),
                           train_dataset=..., processing_class=...)   # GRPOTrainer's own constructor
 
-Two ``GRPOTrainer`` methods are overridden (TRL 1.16.0, the version tested; :data:`TESTED_TRL`):
+What is overridden (TRL 1.16.0, the version tested; :data:`TESTED_TRL`), and the private members still relied on
+(:data:`PRIVATE_TRL`, each checked by the drift tests in tests/test_integration_trl.py):
 
-* ``_compute_loss``: log π from TRL's own forward (``_get_per_token_logps_and_entropies``; for Top-K presets one
-  forward that also gives log π at the rollout's top-K ids), then ``dppo.policy_loss(method, log π, log μ, Â, mask)``
-  with μ = TRL's ``sampling_per_token_logps``, the log-prob of every sampled token under the distribution that
-  sampled it: the anchor of every method in the paper (§5.2, App. E) and the denominator of its IS weight (Eq. 23).
-  TRL's own vLLM importance-sampling correction is never applied (dppo's weight min(π/μ, C) is the correction).
-* ``_generate_and_score_completions``: TRL's, wrapped so that (a) with neither vLLM nor a ``rollout_func`` the
-  completions come from :func:`hf_rollout` (dppo's HF engine, which records μ and its top-K), and (b) the rollout's
-  top-K (``rollout_topk_ids`` / ``rollout_topk_logp``, returned by the rollout function as extra fields) is padded to
-  [B, T, K] tensors and added to the batch; TRL's ``_prepare_inputs`` then shuffles and splits them with the rest.
+* ``compute_loss`` (public): log π from TRL's own forward (``_get_per_token_logps_and_entropies``; for Top-K presets
+  one forward that also gives log π at the rollout's top-K ids), then ``dppo.policy_loss(method, log π, log μ, Â,
+  mask)`` with μ = TRL's ``sampling_per_token_logps``, the log-prob of every sampled token under the distribution
+  that sampled it: the anchor of every method in the paper (§5.2, App. E) and the denominator of its IS weight
+  (Eq. 23). TRL's own vLLM importance-sampling correction is never applied (dppo's weight min(π/μ, C) is it).
+* ``_generate_and_score_completions`` (private, Top-K presets only): TRL's, then the rollout's top-K
+  (``rollout_topk_ids`` / ``rollout_topk_logp``, returned by the rollout function as extra fields, which TRL hands to
+  the reward functions only) padded to [B, T, K] and added to the batch; TRL's ``_prepare_inputs`` then shuffles and
+  splits them with the rest.
 
-Where μ comes from: vLLM (``use_vllm=True``; TRL keeps only the sampled token's log-prob, so no Top-K presets), a
-``rollout_func`` that returns ``logprobs`` (and the two top-K fields for Top-K presets), or by default
-:func:`hf_rollout`. A batch without μ is refused: the alternative, anchoring to the recomputed π_old, is a different
-method (the paper's "decoupled" ablation, Fig. 4) and is available as such (``dppo-binary-tv-recompute``, ``minirl``).
+Where μ comes from (``DPPOConfig.rollout_engine``; every combination that cannot give the rollout's μ is refused
+when the trainer is built, before any engine starts):
+
+* ``"hf"`` (the default without vLLM): :func:`hf_rollout`, dppo's HF decode loop on the trainer's own model;
+* ``"vllm"``: :class:`VLLMRollout`, dppo's :class:`~dppo.engines.vllm.VLLMEngine` colocated in the trainer's
+  process, synced from the trainer's weights before each generation (all presets, Top-K included);
+* ``use_vllm=True``: TRL's own vLLM (binary and ratio presets: it keeps the sampled token's log-prob only). A server
+  must report ``logprobs_mode == "processed_logprobs"`` (asked through TRL's ``VLLMClient.get_server_info``); TRL's
+  colocate mode is refused where its weight sync cannot work (vLLM's CPU backend);
+* your own ``rollout_func`` returning ``logprobs`` (and the two top-K fields for Top-K presets).
+
+A batch without μ is refused: anchoring to the recomputed π_old instead is a different method (the paper's
+"decoupled" ablation, Fig. 4), available as such (``dppo-binary-tv-recompute``, ``minirl``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -36,23 +49,28 @@ try:
     import trl
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("dppo.integrations.trl needs TRL: pip install 'dppo[trl]'") from e
+    raise ImportError("dppo.integrations.trl needs TRL: pip install -e '.[trl]' in a dppo clone") from e
 
 import dppo
 from dppo.engines import HFEngine
 from dppo.hf.model import DTYPES
 from dppo.methods import Method, replace
-from dppo.rollout import SamplingParams
+from dppo.rollout import Rollout, SamplingParams
 
-__all__ = ["DPPOConfig", "DPPOTrainer", "hf_rollout", "TESTED_TRL", "TOPK_FIELDS"]
+__all__ = ["DPPOConfig", "DPPOTrainer", "hf_rollout", "VLLMRollout", "server_logprobs_mode", "TESTED_TRL",
+           "TOPK_FIELDS", "PRIVATE_TRL", "ROLLOUT_ENGINES"]
 
-TESTED_TRL = "1.16.0"
+TESTED_TRL = ("1.16.0",)  # every TRL release the tests ran on (the newest on the registry when this was written)
 TOPK_FIELDS = ("rollout_topk_ids", "rollout_topk_logp")  # extra rollout_func fields: per completion [T_i, K]
+ROLLOUT_ENGINES = ("auto", "hf", "vllm")
+# GRPOTrainer's private members that DPPOTrainer overrides or calls (the drift tests check each one)
+PRIVATE_TRL = ("_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_tokenize_prompts",
+               "_metrics")
 
-if trl.__version__ != TESTED_TRL:
-    warnings.warn(f"dppo.integrations.trl was tested with TRL {TESTED_TRL}, found {trl.__version__}: it overrides two "
-                  "private GRPOTrainer methods; run tests/test_integration_trl.py (its drift guard) against this TRL",
-                  stacklevel=2)
+if trl.__version__ not in TESTED_TRL:
+    warnings.warn(f"dppo.integrations.trl was tested with TRL {', '.join(TESTED_TRL)}, found {trl.__version__}: it "
+                  f"relies on GRPOTrainer's private {', '.join(PRIVATE_TRL)}; run tests/test_integration_trl.py (its "
+                  "drift guard) against this TRL", stacklevel=2)
 
 # GRPOConfig options that GRPOTrainer's loss reads and dppo's loss replaces: a value other than TRL's default is
 # refused (it would be silently ignored), with what to use instead.
@@ -75,8 +93,8 @@ _REPLACED = {
 
 @dataclass
 class DPPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the dppo method. Every other option means what it means in TRL, except the loss options
-    listed in ``_REPLACED`` (refused when set, with what to use instead).
+    """``GRPOConfig`` plus the dppo method and where μ comes from. Every other option means what it means in TRL,
+    except the loss options listed in ``_REPLACED`` (refused when set, with what to use instead).
 
     ``vllm_importance_sampling_correction`` defaults to False here: dppo's loss weights every token by
     min(π/μ, C) against the rollout μ itself (Eq. 23), so TRL's correction would be applied on top of it.
@@ -89,6 +107,12 @@ class DPPOConfig(GRPOConfig):
     topk: int | None = field(default=None, metadata={"help": "override K of the Top-K presets (20 in the paper)"})
     aggregation: str | None = field(default=None, metadata={"help": "override the aggregation (dppo.loss.aggregate)"})
     vllm_importance_sampling_correction: bool = field(default=False, metadata={"help": "must stay False"})
+    rollout_engine: str = field(default="auto", metadata={
+        "help": "who samples and records μ: 'hf' (dppo's HF decode loop on the trainer's model), 'vllm' (dppo's "
+                "vLLM engine in this process, synced from the trainer; every preset), or 'auto': TRL's vLLM when "
+                "use_vllm=True, else 'hf'"})
+    vllm_enforce_eager: bool = field(default=False, metadata={
+        "help": "rollout_engine='vllm': no CUDA graphs / torch.compile (a start of seconds instead of ~25 s on CPU)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +120,11 @@ class DPPOConfig(GRPOConfig):
             if getattr(self, name) != default:
                 raise ValueError(f"DPPOConfig: {name}={getattr(self, name)!r} is a GRPOTrainer loss option that dppo's "
                                  f"loss replaces; leave it at {default!r}: {instead}")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"DPPOConfig: rollout_engine={self.rollout_engine!r}, expected one of {ROLLOUT_ENGINES}")
+        if self.use_vllm and self.rollout_engine != "auto":
+            raise ValueError(f"DPPOConfig: use_vllm=True starts TRL's vLLM, rollout_engine={self.rollout_engine!r} "
+                             "another sampler: set one of them (rollout_engine='vllm' is dppo's vLLM engine)")
         self.dppo_method  # validate the overrides now, not at the first step
 
     @property
@@ -110,49 +139,46 @@ class DPPOConfig(GRPOConfig):
             m = dataclasses.replace(m, max_len_norm=self.max_completion_length)
         return m
 
+    @property
+    def dppo_rollout(self) -> str:
+        """The sampler actually used: "hf", "vllm" (dppo's engine) or "trl-vllm" (TRL's own)."""
+        if self.use_vllm:
+            return "trl-vllm"
+        return "hf" if self.rollout_engine == "auto" else self.rollout_engine
+
 
 def _unwrapped(trainer):
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
-def hf_rollout(prompts: list, trainer: GRPOTrainer) -> dict:
-    """A TRL ``rollout_func`` backed by :class:`dppo.engines.HFEngine`: one completion per prompt (TRL's sampler has
-    already repeated every prompt ``num_generations`` times), sampled with the trainer's model in its own dtype, with
-    log μ of every sampled token and, for Top-K methods, μ's top-K ids and log-probs (``TOPK_FIELDS``).
+def _tokenizer(trainer):
+    return getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
 
-    μ is the distribution sampled from: softmax(z/τ), truncated by top_k / top_p and renormalised (dppo.rollout). The
-    prompts are tokenised by TRL itself (``_tokenize_prompts``: chat template, tools, ``chat_template_kwargs``).
-    """
-    args = trainer.args
-    if args.min_p is not None or args.repetition_penalty != 1.0 or args.generation_kwargs:
-        raise ValueError("hf_rollout samples from softmax(z/τ) with top_k/top_p only; min_p, repetition_penalty and "
-                         "generation_kwargs would change the sampling distribution away from the recorded μ")
-    if args.top_k or args.top_p < 1.0:
-        warnings.warn("top_k/top_p truncation: μ is the truncated distribution but TRL's π is not, so π/μ carries the "
-                      "kept mass (trl#6789); the paper samples without truncation (Table 1)", stacklevel=2)
+
+def _tokenized(prompts: list, trainer) -> tuple[list[list[int]], Tensor, Tensor]:
+    """The prompts as TRL tokenises them (``_tokenize_prompts``: chat template, tools, ``chat_template_kwargs``),
+    also left-padded to [N, P] ids and mask."""
     prompt_ids, images, mm = trainer._tokenize_prompts(prompts)
     if images is not None or mm:
-        raise ValueError("hf_rollout handles text prompts only; pass a rollout_func for multimodal prompts")
-    tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        raise ValueError("dppo's rollout engines take text prompts only; pass a rollout_func for multimodal prompts")
     width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(prompt_ids), width), _tokenizer(trainer).pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.bool)
     for i, p in enumerate(prompt_ids):
         ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = True
-    model = _unwrapped(trainer)
-    dtype = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
+    return prompt_ids, ids, mask
+
+
+def _sampling_params(args: DPPOConfig) -> SamplingParams:
     method = args.dppo_method
-    params = SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                            top_k=args.top_k or 0, top_p=args.top_p,
-                            record_topk=method.topk if method.needs_topk else 0)
-    was_training = model.training
-    try:  # the engine samples with the policy module itself (same dtype): eval mode, no copy
-        engine = HFEngine(model, eos_token_id=trainer.eos_token_ids, pad_token_id=tok.pad_token_id, dtype=dtype)
-        dev = next(model.parameters()).device
-        ro = engine.generate(ids.to(dev), mask.to(dev), params)
-    finally:
-        model.train(was_training)
+    return SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                          top_k=args.top_k or 0, top_p=args.top_p,
+                          record_topk=method.topk if method.needs_topk else 0)
+
+
+def _rollout_output(prompt_ids: list[list[int]], ro: Rollout) -> dict:
+    """A dppo :class:`Rollout` as TRL's ``rollout_func`` returns it, plus the top-K fields when recorded."""
     lengths = ro.response_mask.sum(-1).tolist()
     out = {"prompt_ids": prompt_ids,
            "completion_ids": [ro.response_ids[i, :n].tolist() for i, n in enumerate(lengths)],
@@ -163,33 +189,164 @@ def hf_rollout(prompts: list, trainer: GRPOTrainer) -> dict:
     return out
 
 
-class _Tap:
-    """The rollout function TRL calls, keeping its last output (TRL forwards extra fields to the reward functions
-    only, so the top-K would not otherwise reach the batch)."""
+def hf_rollout(prompts: list, trainer: GRPOTrainer) -> dict:
+    """A TRL ``rollout_func`` backed by :class:`dppo.engines.HFEngine`: one completion per prompt (TRL's sampler has
+    already repeated every prompt ``num_generations`` times), sampled with the trainer's model in its own dtype, with
+    log μ of every sampled token and, for Top-K methods, μ's top-K ids and log-probs (``TOPK_FIELDS``).
 
-    def __init__(self, fn):
-        self.fn, self.last = fn, None
-
-    def __call__(self, prompts, trainer):
-        self.last = self.fn(prompts, trainer)
-        return self.last
-
-
-def _pad_topk(name: str, rows: list, lengths: list[int], width: int, dtype: torch.dtype, device) -> Tensor:
-    """Per-completion [T_i, K] rows (tensors or lists) → [B, width, K], zero-padded after each completion."""
-    rows = [torch.as_tensor(r, dtype=dtype) for r in rows]
-    if len(rows) != len(lengths) or any(r.dim() != 2 or r.shape[0] != n for r, n in zip(rows, lengths)):
-        raise ValueError(f"the rollout_func's {name} must hold one [T_i, K] entry per completion, T_i its length "
-                         f"{lengths}; got shapes {[tuple(r.shape) for r in rows]}")
-    out = torch.zeros((len(rows), width, rows[0].shape[-1] if rows else 0), dtype=dtype, device=device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out
+    μ is the distribution sampled from: softmax(z/τ), truncated by top_k / top_p and renormalised (dppo.rollout).
+    The unwrapped model samples: one device or DDP, not sharded training (FSDP, ZeRO-3 would sample with a shard).
+    """
+    _refuse_unrecordable_sampling(trainer.args)
+    prompt_ids, ids, mask = _tokenized(prompts, trainer)
+    model = _unwrapped(trainer)
+    dtype = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
+    was_training = model.training
+    try:  # the engine samples with the policy module itself (same dtype): eval mode, no copy
+        engine = HFEngine(model, eos_token_id=trainer.eos_token_ids, pad_token_id=_tokenizer(trainer).pad_token_id,
+                          dtype=dtype)
+        dev = next(model.parameters()).device
+        ro = engine.generate(ids.to(dev), mask.to(dev), _sampling_params(trainer.args))
+    finally:
+        model.train(was_training)
+    return _rollout_output(prompt_ids, ro)
 
 
-# Multimodal inputs that _get_per_token_logps_and_entropies takes from the batch (the drift test checks its signature)
-_MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-            "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+class VLLMRollout:
+    """A TRL ``rollout_func`` backed by :class:`dppo.engines.vllm.VLLMEngine`: vLLM in the trainer's process,
+    loaded from the model's directory, then synced from the trainer's weights (vLLM's ``reload_weights``) before the
+    first generation and whenever the trainer's step has changed since the last sync, as TRL syncs its own vLLM.
+
+    log μ(a_t) is read from a_t's own entry of vLLM's processed log-probs (never the top-1 entry), and for Top-K
+    presets μ's top-K ids and log-probs are recorded (K = the method's, ≤ ``max_logprobs`` = max(20, K)).
+    ``DPPOConfig(rollout_engine="vllm")`` builds one; pass ``VLLMRollout(engine)`` as ``rollout_func`` to share an
+    engine (e.g. across trainers of one process). ``close()`` frees the engine.
+    """
+
+    def __init__(self, engine=None):
+        self.engine = engine
+        self.synced = None  # (id of the model, trainer step) of the last sync
+        self.generator: torch.Generator | None = None
+
+    def start(self, trainer) -> None:
+        """Build the engine for ``trainer`` (no-op if it has one)."""
+        if self.engine is None:
+            from dppo.engines.vllm import VLLMEngine
+
+            args, model = trainer.args, _unwrapped(trainer)
+            path = getattr(model.config, "_name_or_path", "")
+            if not path or not os.path.isdir(path):  # built in memory: vLLM loads from a directory
+                path = tempfile.mkdtemp(prefix="dppo-vllm-")
+                model.save_pretrained(path)
+            method = args.dppo_method
+            dtype = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
+            self.engine = VLLMEngine(
+                path, eos_token_id=trainer.eos_token_ids, pad_token_id=_tokenizer(trainer).pad_token_id, dtype=dtype,
+                max_logprobs=max(20, method.topk if method.needs_topk else 0),
+                max_model_len=args.vllm_max_model_length or 0,
+                max_num_seqs=args.per_device_train_batch_size * args.steps_per_generation,
+                gpu_memory_utilization=args.vllm_gpu_memory_utilization, enforce_eager=args.vllm_enforce_eager,
+                seed=args.seed)
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(trainer.args.seed + trainer.accelerator.process_index)
+
+    def __call__(self, prompts: list, trainer) -> dict:
+        _refuse_unrecordable_sampling(trainer.args)
+        self.start(trainer)
+        model = _unwrapped(trainer)
+        if self.synced != (id(model), trainer.state.global_step):
+            self.engine.sync(model)
+            self.synced = (id(model), trainer.state.global_step)
+        prompt_ids, ids, mask = _tokenized(prompts, trainer)
+        ro = self.engine.generate(ids, mask, _sampling_params(trainer.args), generator=self.generator)
+        return _rollout_output(prompt_ids, ro)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def _refuse_unrecordable_sampling(args) -> None:
+    if args.min_p is not None or args.repetition_penalty != 1.0 or args.generation_kwargs:
+        raise ValueError("dppo's rollout engines sample from softmax(z/τ) with top_k/top_p only; min_p, "
+                         "repetition_penalty and generation_kwargs would change the sampling distribution away from "
+                         "the recorded μ")
+
+
+def server_logprobs_mode(args) -> str:
+    """The ``logprobs_mode`` of the vLLM server that ``args`` points to, from its ``/server_info`` (TRL's
+    ``VLLMClient.get_server_info``; the server needs ``VLLM_SERVER_DEV_MODE=1``, as TRL's weight sync does)."""
+    from trl.generation.vllm_client import VLLMClient
+
+    if args.vllm_server_base_url is not None:
+        client = VLLMClient(base_url=args.vllm_server_base_url, connection_timeout=args.vllm_server_timeout)
+    else:
+        client = VLLMClient(host=args.vllm_server_host, server_port=args.vllm_server_port,
+                            connection_timeout=args.vllm_server_timeout)
+    try:
+        return client.get_server_info()["model_config"]["logprobs_mode"]
+    finally:
+        client.session.close()
+
+
+def _trl_colocate_refusal() -> str | None:
+    """Why TRL's own colocated vLLM cannot run here, or None. TRL 1.16 syncs it with ``model.load_weights`` on the
+    engine's model, which fails on vLLM's CPU backend (its linear weights are repacked after loading; checked by
+    tests/test_integration_trl_vllm.py); dppo's engine syncs with vLLM's ``reload_weights``, which works there."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return ("TRL's colocate weight sync (model.load_weights on vLLM's model) fails on vLLM's CPU backend, whose "
+                "linear weights are repacked after loading, so vLLM would keep sampling from the initial weights "
+                "(or fail at the first step)")
+    return None
+
+
+def _check(args: DPPOConfig, *, rollout_func, tools, environment_factory) -> None:
+    """Refuse, before any engine starts, every setting under which μ would not be the rollout's; warn where μ is
+    the rollout's but differs from what the trainer's π models (truncated sampling)."""
+    m = args.dppo_method
+    engine = args.dppo_rollout
+    if rollout_func is not None and args.rollout_engine != "auto":
+        raise ValueError(f"rollout_engine={args.rollout_engine!r} and a rollout_func: pass one of them")
+    own = rollout_func is None and engine in ("hf", "vllm")  # dppo's engines sample
+    if tools or environment_factory:
+        if m.needs_topk:
+            raise ValueError(f"method {m.name!r} with tools: TRL's tool loop regenerates after each tool call "
+                             "without the rollout's top-K, so μ's top-K would not cover the regenerated tokens")
+        if engine != "trl-vllm":
+            raise ValueError(
+                "tools / environment_factory need use_vllm=True: after each tool call TRL regenerates with "
+                "_generate_single_turn, which without TRL's vLLM is transformers' generate, returning no log-probs, "
+                "so the regenerated tokens would have no μ (TRL 1.16 then fails with a TypeError). dppo's own "
+                "engines do not run TRL's tool loop")
+    if engine == "trl-vllm" and rollout_func is None:
+        if m.needs_topk:
+            raise ValueError(f"method {m.name!r} needs the rollout's top-K, which TRL's vLLM path drops (it keeps "
+                             "the sampled token's log-prob only): use rollout_engine='vllm' (dppo's vLLM engine, "
+                             "use_vllm=False), or a rollout_func that returns " + " and ".join(TOPK_FIELDS))
+    if engine == "trl-vllm":
+        if args.vllm_mode == "colocate":
+            why = _trl_colocate_refusal()
+            if why:
+                raise ValueError(f"use_vllm=True, vllm_mode='colocate': {why}. Use rollout_engine='vllm' with "
+                                 "use_vllm=False: dppo's vLLM engine, also colocated, synced with vLLM's "
+                                 "reload_weights")
+        elif args.vllm_mode == "server":
+            mode = server_logprobs_mode(args)
+            if mode != "processed_logprobs":
+                raise ValueError(
+                    f"the vLLM server runs with logprobs_mode={mode!r}: its log-probs are not those of the "
+                    "distribution it samples from (raw_* ignore the temperature and the top-k/top-p truncation), so "
+                    "μ would be wrong. Restart it with `--logprobs-mode processed_logprobs` (`trl vllm-serve` "
+                    "does so)")
+    if own:
+        _refuse_unrecordable_sampling(args)
+    if (args.top_k or 0) > 0 or args.top_p < 1.0 or args.min_p is not None:
+        warnings.warn("top_k/top_p/min_p truncation: μ (the rollout's log-probs) is the truncated distribution but "
+                      "the trainer's π is not, so π/μ carries the kept mass (trl#6789); the paper samples without "
+                      "truncation (Table 1)", stacklevel=3)
 
 
 class DPPOTrainer(GRPOTrainer):
@@ -198,18 +355,30 @@ class DPPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "dppo"]
 
+    def __init__(self, *args, **kwargs):
+        bound = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs)
+        config = bound.arguments.get("args")
+        if not isinstance(config, DPPOConfig):
+            raise TypeError(f"DPPOTrainer needs args=DPPOConfig(...), got {type(config).__name__}: GRPOConfig's "
+                            "loss options mean nothing to dppo's loss")
+        rollout_func = bound.arguments.get("rollout_func")
+        _check(config, rollout_func=rollout_func, tools=bound.arguments.get("tools"),
+               environment_factory=bound.arguments.get("environment_factory"))
+        super().__init__(*args, **kwargs)
+        if rollout_func is None and config.dppo_rollout == "hf":
+            self.rollout_func = hf_rollout
+        elif rollout_func is None and config.dppo_rollout == "vllm":
+            self.rollout_func = VLLMRollout()
+        if self.rollout_func is not None:
+            self.rollout_func = _Tap(self.rollout_func)
+            if isinstance(self.rollout_func.fn, VLLMRollout):
+                self.rollout_func.fn.start(self)  # at construction: a model vLLM cannot serve fails here
+
     def _generate_and_score_completions(self, inputs):
-        if not isinstance(self.rollout_func, _Tap):
-            fn = self.rollout_func
-            if fn is None and not self.use_vllm:
-                fn = hf_rollout
-            if fn is not None:
-                self.rollout_func = _Tap(fn)
         method = self.args.dppo_method
         if method.needs_topk and not isinstance(self.rollout_func, _Tap):
-            raise ValueError(f"method {method.name!r} needs the rollout's top-K, which TRL's vLLM path drops (it keeps "
-                             "the sampled token's log-prob only): pass a rollout_func that returns "
-                             f"{' and '.join(TOPK_FIELDS)}, or use_vllm=False to sample with dppo's HF engine")
+            raise ValueError(f"method {method.name!r} needs the rollout's top-K, which TRL's vLLM path drops: use "
+                             "rollout_engine='vllm' or a rollout_func that returns " + " and ".join(TOPK_FIELDS))
         batch = super()._generate_and_score_completions(inputs)
         if method.needs_topk:
             last = self.rollout_func.last or {}
@@ -217,9 +386,6 @@ class DPPOTrainer(GRPOTrainer):
             if missing:
                 raise ValueError(f"method {method.name!r} needs the rollout's top-K: the rollout_func returned no "
                                  f"{missing} (per completion, [T_i, K] ids and log μ)")
-            if self.tools:
-                raise ValueError("Top-K methods with tools: tool turns change completion_ids after the rollout, so its "
-                                 "top-K no longer lines up with the tokens")
             ids = batch["completion_ids"]
             lengths = [len(c) for c in last["completion_ids"]]
             for key, dtype in zip(TOPK_FIELDS, (torch.long, torch.float32)):
@@ -245,7 +411,11 @@ class DPPOTrainer(GRPOTrainer):
             return 1.0 / procs
         return dppo.aggregation_denominator(mask, m.aggregation, m.max_len_norm) * ga
 
-    def _compute_loss(self, model, inputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """dppo's loss on one micro-batch of TRL's (``num_items_in_batch`` is read from ``inputs``, where TRL puts
+        the window's token count)."""
+        if return_outputs:
+            raise ValueError("DPPOTrainer does not return outputs from compute_loss (as GRPOTrainer)")
         m = self.args.dppo_method
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -306,3 +476,32 @@ class DPPOTrainer(GRPOTrainer):
             v = col.max() if k.endswith("_max") else col.min() if k.endswith("_min") else \
                 col.sum() if k == "tokens" else col.mean()
             self._metrics[mode][k if k == "entropy" else f"dppo/{k}"].append(v.item())
+
+
+class _Tap:
+    """The rollout function TRL calls, keeping its last output (TRL forwards extra fields to the reward functions
+    only, so the top-K would not otherwise reach the batch)."""
+
+    def __init__(self, fn):
+        self.fn, self.last = fn, None
+
+    def __call__(self, prompts, trainer):
+        self.last = self.fn(prompts, trainer)
+        return self.last
+
+
+def _pad_topk(name: str, rows: list, lengths: list[int], width: int, dtype: torch.dtype, device) -> Tensor:
+    """Per-completion [T_i, K] rows (tensors or lists) → [B, width, K], zero-padded after each completion."""
+    rows = [torch.as_tensor(r, dtype=dtype) for r in rows]
+    if len(rows) != len(lengths) or any(r.dim() != 2 or r.shape[0] != n for r, n in zip(rows, lengths)):
+        raise ValueError(f"the rollout_func's {name} must hold one [T_i, K] entry per completion, T_i its length "
+                         f"{lengths}; got shapes {[tuple(r.shape) for r in rows]}")
+    out = torch.zeros((len(rows), width, rows[0].shape[-1] if rows else 0), dtype=dtype, device=device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+# Multimodal inputs that _get_per_token_logps_and_entropies takes from the batch (the drift test checks its signature)
+_MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+            "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
