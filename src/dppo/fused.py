@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from dppo._tiles import _acc_dtype, _check_common, _check_head, _check_ids, _tile_stats, _Workspace, default_chunk_size
+from dppo._triton_tiles import tile_dz_, tile_stats, use_triton
 from dppo.loss import (
     _check_denominator, _validate, aggregation_weights, loss_metrics, policy_loss, token_context,
 )
@@ -91,12 +92,20 @@ class _FusedLoss(torch.autograd.Function):
         dw = torch.zeros_like(weight) if need_w and n == 0 else None
         db = torch.zeros(v, **kw) if need_b else None
         chunk = -(-n // -(-n // plan.chunk)) if n else plan.chunk  # same tile count, balanced sizes
-        ws = _Workspace(min(chunk, n) * v, acc, hidden.dtype, hidden.device, extra=1) if n else None
+        # Triton (dppo._triton_tiles): the tile stays in the GEMM's dtype, read once for the statistics and once
+        # for dz, which overwrites it; PyTorch: an fp32 tile plus a scratch tile for exp (dppo._tiles._tile_stats)
+        tri = use_triton(hidden.device, hidden.dtype)
+        ws = (_Workspace(min(chunk, n) * v, hidden.dtype if tri else acc, hidden.dtype, hidden.device,
+                         extra=0 if tri else 1) if n else None)
         for s0 in range(0, n, chunk):
             s1 = min(n, s0 + chunk)
-            z = ws.logits(h[s0:s1], weight, bias, tau)
             g = gids[s0:s1] if gids is not None else None
-            _, xt, et, _, _, gt, e, s = _tile_stats(z, ws.scratch(z), tgt[s0:s1], g, 0, plan.want_entropy)
+            if tri:
+                z = ws.logits(h[s0:s1], weight, bias, 1.0)  # h·Wᵀ + b; the kernels divide by τ
+                xt, et, gt, lse = tile_stats(z, tau, tgt[s0:s1], g, plan.want_entropy)
+            else:
+                z = ws.logits(h[s0:s1], weight, bias, tau)
+                _, xt, et, _, _, gt, e, s = _tile_stats(z, ws.scratch(z), tgt[s0:s1], g, 0, plan.want_entropy)
             x[s0:s1] = xt
             if plan.want_entropy:
                 ent[s0:s1] = et
@@ -108,12 +117,17 @@ class _FusedLoss(torch.autograd.Function):
             if g is not None:
                 rows_tc = rows_tc._replace(topk_logp=gt.float())
             coef = _slopes(m, xt, rows_tc, w[s0:s1]) / tau
-            # dz = c/τ·(onehot(a) − p), p = e/s: built in place of e, the tile's softmax numerator
-            dz = e.mul_((-coef / s)[:, None])
-            dz[torch.arange(s1 - s0, device=dz.device), tgt[s0:s1]] += coef
-            if need_b:
-                db += dz.sum(0)
-            dzl = ws.to_low(dz)
+            if tri:  # dz in the GEMM dtype, in place of the logits
+                dzl = tile_dz_(z, tau, tgt[s0:s1], lse, coef)
+                if need_b:
+                    db += dzl.sum(0, dtype=db.dtype)
+            else:
+                # dz = c/τ·(onehot(a) − p), p = e/s: built in place of e, the tile's softmax numerator
+                dz = e.mul_((-coef / s)[:, None])
+                dz[torch.arange(s1 - s0, device=dz.device), tgt[s0:s1]] += coef
+                if need_b:
+                    db += dz.sum(0)
+                dzl = ws.to_low(dz)
             if need_h:
                 ws.grad_input(dzl, weight, dh[s0:s1])
             if need_w:
