@@ -122,7 +122,7 @@ def _stats_kernel(z_ptr, stride_z, tgt_ptr, gids_ptr, stride_g, x_ptr, lse_ptr, 
 
 
 @_jit
-def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, tau, BLOCK_V: tl.constexpr):
+def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, tau, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     lse = tl.load(lse_ptr + row)
@@ -131,9 +131,15 @@ def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, tau, BLOCK_V: tl.
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = cols < V
-        z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32) / tau
+        z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) / tau
         cp = c * tl.exp(z - lse)
         dz = tl.where(cols == a, c - cp, -cp)
+        if ROUND_BF16:
+            # fp32 → bf16 rounded to nearest even by hand (then the cast is exact): compiled Triton rounds so, but
+            # Triton's interpreter (3.9) truncates toward zero; this way both run, and the tests check, one rounding
+            bits = dz.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            dz = bits.to(tl.float32, bitcast=True)
         tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=ok)
 
 
@@ -192,5 +198,5 @@ def tile_dz_(z: Tensor, temperature: float, tgt: Tensor, lse: Tensor, coef: Tens
         return z
     bv, kw = _launch(z, block_v, num_warps)
     _dz_kernel[(c,)](z, z.stride(0), tgt.contiguous(), lse.float().contiguous(), coef.float().contiguous(), v,
-               float(temperature), BLOCK_V=bv, **kw)
+               float(temperature), BLOCK_V=bv, ROUND_BF16=z.dtype == torch.bfloat16, **kw)
     return z
