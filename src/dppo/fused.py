@@ -23,6 +23,11 @@ The backward only scales the saved (dh, dW, db) by the incoming gradient: 3 GEMM
 :func:`dppo.token_stats`'s 4 (it recomputes the logits in the backward) and the naive path's 3, with no [N, V]
 tensor kept and none recomputed. Padding tokens (response_mask = 0) are skipped entirely.
 
+On a CUDA device (fp32/bf16/fp16) the per-tile statistics and dz are two Triton kernels (:mod:`dppo._triton_tiles`:
+one read of the tile as the GEMM wrote it for log-sum-exp, x_t, the top-K log-probs and the entropy; one read and
+write for dz, in place, in the GEMM dtype); elsewhere, or with ``DPPO_TILE_KERNEL=torch``, the PyTorch tile path
+(:func:`dppo._tiles._tile_stats`), which is the fallback and the reference.
+
 Methods with a sequence gate on the *current* policy (TRM: max over the sequence of D(μ‖π_θ)) cannot know c_t
 before the whole sequence's x is known; for them the entry point falls back to ``token_stats`` + ``policy_loss``
 (a second pass over the logits in the backward), which gives the same loss, metrics and gradients.
@@ -219,6 +224,8 @@ def policy_loss_from_hidden(
             multiply-add pass per tile; no gradient).
         chunk_size: tokens per tile; default :func:`dppo._tiles.default_chunk_size` (128 MB of fp32 logits; 1 GB
             on a CUDA device).
+    Environment: ``DPPO_TILE_KERNEL`` = ``auto`` (default: Triton kernels on CUDA when triton imports),
+        ``torch`` or ``triton`` (:mod:`dppo._triton_tiles`).
     Returns:
         (loss, metrics) as :func:`dppo.policy_loss` (+ ``entropy``). ``loss.backward()`` scales the gradients the
         forward already computed. Memory: the gradients dW (W's dtype) and dh, one tile of logits (fp32, plus a
