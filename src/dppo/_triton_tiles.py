@@ -15,8 +15,10 @@ blocks of ``BLOCK_V``):
             dz_tv = c_t · (1[v = a_t] − exp(z_tv/τ − lse_t))   in the GEMM dtype, ready for dh = dz·W, dW += dzᵀ·h
 
 with c_t = w_t·∂ℓ_t/∂x_t / τ (:func:`dppo.fused._slopes`), computed in PyTorch between the two from the [c] vectors
-(it depends on the method's whole token rule). All arithmetic is fp32; rows are addressed with int64 offsets (a tile
-may exceed 2³¹ elements). Ids are not bounds-checked here: the callers validate them (:func:`dppo._tiles._check_ids`).
+(it depends on the method's whole token rule). All arithmetic is fp32 (z/τ as z·(1/τ): one multiply, within an ulp
+of the PyTorch path's division); dz is rounded to nearest even when stored as bf16; rows are addressed with int64
+offsets (a tile may exceed 2³¹ elements). Ids are not bounds-checked here: the callers validate them
+(:func:`dppo._tiles._check_ids`).
 
 Which path runs is chosen by the environment variable ``DPPO_TILE_KERNEL``: ``auto`` (default: these kernels for
 fp32/bf16/fp16 on a CUDA device when ``triton`` imports, PyTorch otherwise), ``torch`` (always the PyTorch path, the
@@ -50,7 +52,7 @@ KERNEL_ENV = "DPPO_TILE_KERNEL"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Columns per block of a row (a power of two; the last block of a row is masked, so V need not divide). 32,768 with
 # 32 warps is what Liger-Kernel's cross-entropy kernel uses on Hopper for the same row-streaming pattern; not yet
-# tuned for these kernels (benchmarks/token_stats_cuda.py --sweep measures the choices).
+# tuned for these kernels (benchmarks/token_stats_cuda.py --sweep times the choices on a GPU).
 MAX_BLOCK_V = 32768
 NUM_WARPS = 32
 
@@ -84,7 +86,7 @@ def interpreted() -> bool:
 
 
 @_jit
-def _stats_kernel(z_ptr, stride_z, tgt_ptr, gids_ptr, stride_g, x_ptr, lse_ptr, ent_ptr, gath_ptr, V, K, tau,
+def _stats_kernel(z_ptr, stride_z, tgt_ptr, gids_ptr, stride_g, x_ptr, lse_ptr, ent_ptr, gath_ptr, V, K, inv_tau,
                   HAS_GIDS: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -94,7 +96,7 @@ def _stats_kernel(z_ptr, stride_z, tgt_ptr, gids_ptr, stride_g, x_ptr, lse_ptr, 
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = cols < V
-        z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) / tau
+        z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_tau
         m_new = tl.maximum(m, tl.max(z, 0))
         alpha = tl.exp(m - m_new)  # 0 on the first block (m = −inf)
         e = tl.exp(z - m_new)  # 0 on the masked columns
@@ -109,7 +111,7 @@ def _stats_kernel(z_ptr, stride_z, tgt_ptr, gids_ptr, stride_g, x_ptr, lse_ptr, 
     log_s = tl.log(s)
     tl.store(lse_ptr + row, m + log_s)
     a = tl.load(tgt_ptr + row)
-    z_a = tl.load(z_row + a).to(tl.float32) / tau
+    z_a = tl.load(z_row + a).to(tl.float32) * inv_tau
     tl.store(x_ptr + row, (z_a - m) - log_s)
     if WANT_ENT:
         tl.store(ent_ptr + row, log_s - u / s)
@@ -117,12 +119,12 @@ def _stats_kernel(z_ptr, stride_z, tgt_ptr, gids_ptr, stride_g, x_ptr, lse_ptr, 
         ks = tl.arange(0, BLOCK_K)
         okk = ks < K
         g = tl.load(gids_ptr + row * stride_g + ks, mask=okk, other=0)
-        z_g = tl.load(z_row + g, mask=okk, other=0.0).to(tl.float32) / tau
+        z_g = tl.load(z_row + g, mask=okk, other=0.0).to(tl.float32) * inv_tau
         tl.store(gath_ptr + row * K + ks, (z_g - m) - log_s, mask=okk)
 
 
 @_jit
-def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, tau, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):
+def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, inv_tau, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     lse = tl.load(lse_ptr + row)
@@ -131,7 +133,7 @@ def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, tau, BLOCK_V: tl.
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = cols < V
-        z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) / tau
+        z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_tau
         cp = c * tl.exp(z - lse)
         dz = tl.where(cols == a, c - cp, -cp)
         if ROUND_BF16:
@@ -144,9 +146,9 @@ def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, tau, BLOCK_V: tl.
 
 
 def _launch(z: Tensor, block_v: int | None, num_warps: int | None) -> tuple[int, dict]:
-    v = z.shape[1]
-    bv = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(v))
-    return bv, ({} if z.device.type == "cpu" else dict(num_warps=num_warps or NUM_WARPS))
+    bv = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(z.shape[1]))
+    nw = num_warps or max(1, min(NUM_WARPS, bv // 1024))  # ≥ 32 columns per thread (Liger's 32,768 / 32 warps)
+    return bv, ({} if z.device.type == "cpu" else dict(num_warps=nw))
 
 
 def _check_tile(z: Tensor, tgt: Tensor) -> None:
@@ -183,7 +185,7 @@ def tile_stats(z: Tensor, temperature: float, tgt: Tensor, gids: Tensor | None, 
         gids = gids.contiguous()
     bv, kw = _launch(z, block_v, num_warps)
     _stats_kernel[(c,)](z, z.stride(0), tgt.contiguous(), gids if k else tgt, gids.stride(0) if k else 0, x, lse, ent, gath,
-               v, k, float(temperature), HAS_GIDS=bool(k), WANT_ENT=bool(want_entropy), BLOCK_V=bv,
+               v, k, 1.0 / temperature, HAS_GIDS=bool(k), WANT_ENT=bool(want_entropy), BLOCK_V=bv,
                BLOCK_K=triton.next_power_of_2(max(k, 1)), **kw)
     return x, (ent if want_entropy else None), (gath if gids is not None else None), lse
 
@@ -198,5 +200,5 @@ def tile_dz_(z: Tensor, temperature: float, tgt: Tensor, lse: Tensor, coef: Tens
         return z
     bv, kw = _launch(z, block_v, num_warps)
     _dz_kernel[(c,)](z, z.stride(0), tgt.contiguous(), lse.float().contiguous(), coef.float().contiguous(), v,
-               float(temperature), BLOCK_V=bv, ROUND_BF16=z.dtype == torch.bfloat16, **kw)
+               1.0 / temperature, BLOCK_V=bv, ROUND_BF16=z.dtype == torch.bfloat16, **kw)
     return z
