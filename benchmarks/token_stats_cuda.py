@@ -321,7 +321,12 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="[H:]DTYPE:N: torch.profiler table of the fused case there")
     ap.add_argument("--naive_max_gb", type=float, default=0.8, help="skip naive above this fraction of GPU memory")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (TRITON_INTERPRET=1, tiny H)")
+    ap.add_argument("--report", default="", help="print the report of a results file (a .partial one too) and exit")
     args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(markdown(json.load(f)))
+        return
     global CUDA
     dev = args.device
     CUDA = dev == "cuda"
