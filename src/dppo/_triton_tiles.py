@@ -31,18 +31,21 @@ function for one kernel only, fails inside the kernel ("Cannot call @triton.jit'
 kernel"). That is how the tests run them without a GPU (tests/test_triton_tiles.py; slow, small shapes only).
 """
 
-from __future__ import annotations
-
 import os
 
 import torch
 from torch import Tensor
 
+# No `from __future__ import annotations` here: the kernels' `tl.constexpr` annotations stay objects, the form every
+# Triton version reads (string annotations are parsed by recent versions only).
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the PyTorch path is the fallback
-    triton = tl = None
+    triton = None
+
+    class tl:  # noqa: N801  (the kernels' annotations still evaluate; nothing calls them)
+        constexpr = None
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
