@@ -360,7 +360,7 @@ def main() -> None:
             dname, ns = part.split(":")
             dtype = DTYPES[dname]
             for i, n in enumerate(int(x) for x in ns.split(",")):
-                torch._dynamo.reset()  # Liger's compiled loss: a fresh compile per shape (its dynamic-shape guard failed)
+                torch._dynamo.reset()  # Liger's compiled loss: a fresh compile per shape (a recompile failed)
                 d = setup(n, h, dtype, dev)
                 cs = cases(d, max(1, args.big_tile_mb * 2**20 // (4 * V)), names)
                 if i == 0:

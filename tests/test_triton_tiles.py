@@ -149,8 +149,8 @@ def test_dz_kernel_against_fp64_truth(dtype):
 
 def test_dz_rounds_to_nearest_even_in_bf16():
     """The bf16 dz is fp32 rounded to nearest even, as torch (and compiled Triton) casts, ties and extremes
-    included (3.4e38 rounds up to inf). Rows of one column with lse = +inf make dz = c exactly before the cast. (Triton 3.9's interpreter
-    alone would truncate toward zero; the kernel rounds by hand.)"""
+    included (3.4e38 rounds up to inf). Rows of one column with lse = +inf make dz = c exactly before the cast.
+    (Triton 3.9's interpreter alone would truncate toward zero; the kernel rounds by hand.)"""
     g = torch.Generator().manual_seed(0)
     rnd = torch.randn(96, generator=g) * 10.0 ** torch.randint(-35, 35, (96,), generator=g)
     ties = (torch.randn(96, generator=g).bfloat16().float().view(torch.int32) + 0x8000).view(torch.float32)

@@ -127,7 +127,8 @@ def _stats_kernel(z_ptr, stride_z, tgt_ptr, gids_ptr, stride_g, x_ptr, lse_ptr, 
 
 
 @_jit
-def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, inv_tau, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):
+def _dz_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, coef_ptr, V, inv_tau,
+               BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     lse = tl.load(lse_ptr + row)
@@ -187,10 +188,10 @@ def tile_stats(z: Tensor, temperature: float, tgt: Tensor, gids: Tensor | None, 
             raise ValueError(f"gather ids must be int64 [{c}, K], got {gids.dtype} {tuple(gids.shape)}")
         gids = gids.contiguous()
     bv, kw = _launch(z, block_v, num_warps)
-    _stats_kernel[(c,)](z, z.stride(0), tgt.contiguous(), gids if k else tgt, gids.stride(0) if k else 0, x, lse, ent, gath,
-               v, k, 1.0 / temperature, HAS_GIDS=bool(k), WANT_ENT=bool(want_entropy), BLOCK_V=bv,
-               BLOCK_K=triton.next_power_of_2(max(k, 1)), **kw)
-    return x, (ent if want_entropy else None), (gath if gids is not None else None), lse
+    _stats_kernel[(c,)](z, z.stride(0), tgt.contiguous(), gids if k else tgt, gids.stride(0) if k else 0,
+                        x, lse, ent, gath, v, k, 1.0 / temperature, HAS_GIDS=bool(k), WANT_ENT=bool(want_entropy),
+                        BLOCK_V=bv, BLOCK_K=triton.next_power_of_2(max(k, 1)), **kw)
+    return x, (ent if want_entropy else None), (gath[:, :k] if gids is not None else None), lse
 
 
 def tile_dz_(z: Tensor, temperature: float, tgt: Tensor, lse: Tensor, coef: Tensor, *, block_v: int | None = None,
@@ -203,5 +204,5 @@ def tile_dz_(z: Tensor, temperature: float, tgt: Tensor, lse: Tensor, coef: Tens
         return z
     bv, kw = _launch(z, block_v, num_warps)
     _dz_kernel[(c,)](z, z.stride(0), tgt.contiguous(), lse.float().contiguous(), coef.float().contiguous(), v,
-               1.0 / temperature, BLOCK_V=bv, ROUND_BF16=z.dtype == torch.bfloat16, **kw)
+                     1.0 / temperature, BLOCK_V=bv, ROUND_BF16=z.dtype == torch.bfloat16, **kw)
     return z

@@ -106,7 +106,7 @@ class _FusedLoss(torch.autograd.Function):
             s1 = min(n, s0 + chunk)
             g = gids[s0:s1] if gids is not None else None
             if tri:
-                z = ws.logits(h[s0:s1], weight, bias, 1.0)  # h·Wᵀ + b; the kernels divide by τ
+                z = ws.logits(h[s0:s1], weight, bias, 1.0)  # h·Wᵀ + b; the kernels scale by 1/τ
                 xt, et, gt, lse = tile_stats(z, tau, tgt[s0:s1], g, plan.want_entropy)
             else:
                 z = ws.logits(h[s0:s1], weight, bias, tau)
