@@ -167,9 +167,11 @@ def test_dz_rounds_to_nearest_even_in_bf16():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_fp32_triton_equals_torch(name, monkeypatch):
-    """policy_loss_from_hidden through the kernels (3 tiles, τ = 0.7, bias) against its PyTorch tile path: same
-    loss, metrics and gradients to fp32 rounding (TRM takes the two-pass path either way)."""
+    """policy_loss_from_hidden through the kernels (3 tiles, τ = 0.7, bias; sampled ids 0 and V − 1 among the
+    tokens) against its PyTorch tile path: same loss, metrics and gradients to fp32 rounding (TRM takes the two-pass
+    path either way)."""
     b = make(name, dtype=torch.float32, B=4, T=6, seed=4)
+    b["response_ids"][0, :2] = torch.tensor([0, b["weight"].shape[0] - 1])  # row 0 is a full-length response
     b = {k: (t.detach().to(DEV).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t)
          for k, t in b.items()}
     loss, met = fused(name, b, temperature=0.7, chunk_size=4)
