@@ -73,7 +73,7 @@ def truth(z: torch.Tensor, tau: float):
 
 def rounding(zt: torch.Tensor) -> torch.Tensor:
     """η: per row, a bound on the fp32 error of each z/τ and of the shift z/τ − m (a few ulps of the row's largest
-    |z/τ|: the division by τ rounds there)."""
+    |z/τ|: the scaling by 1/τ rounds there)."""
     return 8 * EPS32 * zt.abs().amax(-1)
 
 
