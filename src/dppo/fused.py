@@ -23,6 +23,11 @@ The backward only scales the saved (dh, dW, db) by the incoming gradient: 3 GEMM
 :func:`dppo.token_stats`'s 4 (it recomputes the logits in the backward) and the naive path's 3, with no [N, V]
 tensor kept and none recomputed. Padding tokens (response_mask = 0) are skipped entirely.
 
+On a CUDA device (fp32/bf16/fp16) the per-tile statistics and dz are two Triton kernels (:mod:`dppo._triton_tiles`:
+one read of the tile as the GEMM wrote it for log-sum-exp, x_t, the top-K log-probs and the entropy; one read and
+write for dz, in place, in the GEMM dtype); elsewhere, or with ``DPPO_TILE_KERNEL=torch``, the PyTorch tile path
+(:func:`dppo._tiles._tile_stats`), which is the fallback and the reference.
+
 Methods with a sequence gate on the *current* policy (TRM: max over the sequence of D(μ‖π_θ)) cannot know c_t
 before the whole sequence's x is known; for them the entry point falls back to ``token_stats`` + ``policy_loss``
 (a second pass over the logits in the backward), which gives the same loss, metrics and gradients.
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor
 
 from dppo._tiles import _acc_dtype, _check_common, _check_head, _check_ids, _tile_stats, _Workspace, default_chunk_size
+from dppo._triton_tiles import tile_dz_, tile_stats, use_triton
 from dppo.loss import (
     _check_denominator, _validate, aggregation_weights, loss_metrics, policy_loss, token_context,
 )
@@ -91,12 +97,20 @@ class _FusedLoss(torch.autograd.Function):
         dw = torch.zeros_like(weight) if need_w and n == 0 else None
         db = torch.zeros(v, **kw) if need_b else None
         chunk = -(-n // -(-n // plan.chunk)) if n else plan.chunk  # same tile count, balanced sizes
-        ws = _Workspace(min(chunk, n) * v, acc, hidden.dtype, hidden.device, extra=1) if n else None
+        # Triton (dppo._triton_tiles): the tile stays in the GEMM's dtype, read once for the statistics and once
+        # for dz, which overwrites it; PyTorch: an fp32 tile plus a scratch tile for exp (dppo._tiles._tile_stats)
+        tri = use_triton(hidden.device, hidden.dtype)
+        ws = (_Workspace(min(chunk, n) * v, hidden.dtype if tri else acc, hidden.dtype, hidden.device,
+                         extra=0 if tri else 1) if n else None)
         for s0 in range(0, n, chunk):
             s1 = min(n, s0 + chunk)
-            z = ws.logits(h[s0:s1], weight, bias, tau)
             g = gids[s0:s1] if gids is not None else None
-            _, xt, et, _, _, gt, e, s = _tile_stats(z, ws.scratch(z), tgt[s0:s1], g, 0, plan.want_entropy)
+            if tri:
+                z = ws.logits(h[s0:s1], weight, bias, 1.0)  # h·Wᵀ + b; the kernels scale by 1/τ
+                xt, et, gt, lse = tile_stats(z, tau, tgt[s0:s1], g, plan.want_entropy)
+            else:
+                z = ws.logits(h[s0:s1], weight, bias, tau)
+                _, xt, et, _, _, gt, e, s = _tile_stats(z, ws.scratch(z), tgt[s0:s1], g, 0, plan.want_entropy)
             x[s0:s1] = xt
             if plan.want_entropy:
                 ent[s0:s1] = et
@@ -108,12 +122,17 @@ class _FusedLoss(torch.autograd.Function):
             if g is not None:
                 rows_tc = rows_tc._replace(topk_logp=gt.float())
             coef = _slopes(m, xt, rows_tc, w[s0:s1]) / tau
-            # dz = c/τ·(onehot(a) − p), p = e/s: built in place of e, the tile's softmax numerator
-            dz = e.mul_((-coef / s)[:, None])
-            dz[torch.arange(s1 - s0, device=dz.device), tgt[s0:s1]] += coef
-            if need_b:
-                db += dz.sum(0)
-            dzl = ws.to_low(dz)
+            if tri:  # dz in the GEMM dtype, in place of the logits
+                dzl = tile_dz_(z, tau, tgt[s0:s1], lse, coef)
+                if need_b:
+                    db += dzl.sum(0, dtype=db.dtype)
+            else:
+                # dz = c/τ·(onehot(a) − p), p = e/s: built in place of e, the tile's softmax numerator
+                dz = e.mul_((-coef / s)[:, None])
+                dz[torch.arange(s1 - s0, device=dz.device), tgt[s0:s1]] += coef
+                if need_b:
+                    db += dz.sum(0)
+                dzl = ws.to_low(dz)
             if need_h:
                 ws.grad_input(dzl, weight, dh[s0:s1])
             if need_w:
@@ -205,6 +224,8 @@ def policy_loss_from_hidden(
             multiply-add pass per tile; no gradient).
         chunk_size: tokens per tile; default :func:`dppo._tiles.default_chunk_size` (128 MB of fp32 logits; 1 GB
             on a CUDA device).
+    Environment: ``DPPO_TILE_KERNEL`` = ``auto`` (default: Triton kernels on CUDA when triton imports),
+        ``torch`` or ``triton`` (:mod:`dppo._triton_tiles`).
     Returns:
         (loss, metrics) as :func:`dppo.policy_loss` (+ ``entropy``). ``loss.backward()`` scales the gradients the
         forward already computed. Memory: the gradients dW (W's dtype) and dh, one tile of logits (fp32, plus a
