@@ -306,3 +306,5 @@ def test_tile_kernel_choice(monkeypatch):
         fused("dppo-topk-tv", b)
     monkeypatch.setenv(tt.KERNEL_ENV, "auto")
     assert not tt.use_triton(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(tt, "triton", object())  # installed: auto still keeps the PyTorch path until a GPU run checked
+    assert not tt.use_triton(torch.device("cuda"), torch.bfloat16)

@@ -20,9 +20,10 @@ of the PyTorch path's division); dz is rounded to nearest even when stored as bf
 offsets (a tile may exceed 2³¹ elements). Ids are not bounds-checked here: the callers validate them
 (:func:`dppo._tiles._check_ids`).
 
-Which path runs is chosen by the environment variable ``DPPO_TILE_KERNEL``: ``auto`` (default: these kernels for
-fp32/bf16/fp16 on a CUDA device when ``triton`` imports, PyTorch otherwise), ``torch`` (always the PyTorch path, the
-reference) or ``triton`` (these kernels or an error). fp64 inputs (gradcheck) take the PyTorch path under ``auto``.
+Which path runs is chosen by the environment variable ``DPPO_TILE_KERNEL``: ``auto`` (default: the PyTorch path for
+now: the kernels have passed their tests under Triton's interpreter only, never compiled on a GPU; once
+``benchmarks/cuda_check.sh`` with ``PARTS=tiles`` has passed on one, ``auto`` is meant to pick them for fp32/bf16/fp16
+on CUDA), ``torch`` (always the PyTorch path, the reference) or ``triton`` (these kernels or an error).
 
 On CPU tensors the kernels run only under Triton's interpreter, which ``TRITON_INTERPRET=1`` selects *when triton is
 first imported*: ``triton.jit`` then returns interpreted functions, and so it does for triton.language's own
@@ -67,8 +68,8 @@ def use_triton(device: torch.device, dtype: torch.dtype) -> bool:
         raise ValueError(f"{KERNEL_ENV} must be 'auto', 'torch' or 'triton', got {choice!r}")
     if choice == "torch":
         return False
-    if choice == "auto":
-        return triton is not None and device.type == "cuda" and dtype in DTYPES
+    if choice == "auto":  # not before the kernels have passed their tests compiled on a GPU (module docstring)
+        return False
     if triton is None:
         raise ImportError(f"{KERNEL_ENV}=triton but the triton package does not import: pip install 'dppo[triton]'")
     if dtype not in DTYPES:
