@@ -5,7 +5,7 @@ For each seed: greedy and T = 1 accuracy of the warm-up model on the run's fixed
 set (``dppo.run.evaluate.evaluate`` with the trainer's bf16 engine); on the first RL batch, μ's mean mass on the
 padding ids (tokens no demonstration contains), the share of responses that sample one, and μ's mean top-K mass.
 
-    python experiments/premise.py [--seeds 0,1,2] [dppo train flags ...]
+    python experiments/premise.py [--seeds 0,1,2] [--out FILE] [dppo train flags ...]
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class _Fixed:
 
 def main(argv: list[str]) -> int:
     seeds = [0, 1, 2]
+    out_path = ROOT / "experiments" / "results" / "premise.json"
+    if "--out" in argv:
+        i = argv.index("--out")
+        out_path = Path(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     if "--seeds" in argv:
         i = argv.index("--seeds")
         seeds = [int(s) for s in argv[i + 1].split(",")]
@@ -70,8 +75,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(row), flush=True)
     res = dict(rows=rows, wall_s=time.time() - t0, machine=machine_line(machine_info()),
                command="python experiments/premise.py " + " ".join(argv))
-    out = ROOT / "experiments" / "results" / "premise.json"
-    out.write_text(json.dumps(res, indent=1))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(res, indent=1))
     print(f"{res['wall_s']:.0f} s on {res['machine']}")
     return 0
 
