@@ -49,7 +49,7 @@ CONTROL4 = ["pg-is", "cispo", "grpo-clip-higher", "dppo-binary-tv"]
 STALE = ["pg-is", "grpo-clip-higher", "ipo", "dppo-binary-tv", "dppo-binary-kl"]
 
 # The pilot (seeds 100, 101: never used by a table) chose the mismatch setting of the main tables; protocol.md.
-MAIN = os.environ.get("EVIDENCE_MAIN", "bf16-lag4")
+MAIN = os.environ.get("EVIDENCE_MAIN", "fp8-lag4")  # chosen by the pilot's rule: protocol.md §3, §7
 
 TABLES: dict[str, list[tuple[str, str]]] = {
     "pilot": [(s, m) for s in ("control", "bf16", "fp8", "bf16-lag2", "bf16-lag4", "bf16-lag8", "fp8-lag4")
@@ -89,10 +89,12 @@ def command(setting: str, method: str, seed: int) -> list[str]:
 
 def summarize(setting: str, method: str, seed: int, cmd: list[str], wall: float) -> dict:
     """The per-seed summary of a finished run (module docstring)."""
-    from dppo.run.machine import machine_info, machine_line
+    from dppo.run.machine import machine_line
     from dppo.run.metrics_log import read_metrics
 
-    recs = read_metrics(str(RUNS / setting / method / f"seed{seed}" / "metrics.jsonl"))
+    run = RUNS / setting / method / f"seed{seed}"
+    recs = read_metrics(str(run / "metrics.jsonl"))
+    starts = [json.loads(x) for x in (run / "machine.jsonl").read_text().splitlines() if x.strip()]
     steps = [r for r in recs if r.get("step", 0) >= 1 and "reward" in r]
     series = {k: [float(r[k]) if isinstance(r.get(k), (int, float)) else None for r in steps] for k in SERIES}
     rw = series["reward"]
@@ -104,7 +106,8 @@ def summarize(setting: str, method: str, seed: int, cmd: list[str], wall: float)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return dict(
         setting=setting, method=method, seed=seed, command=shlex.join(["python", *cmd[1:]]), wall_s=round(wall, 1),
-        date=time.strftime("%Y-%m-%d"), commit=commit, machine=machine_line(machine_info()), steps=len(rw),
+        date=time.strftime("%Y-%m-%d"), commit=commit, machine="; then ".join(dict.fromkeys(machine_line(m) for m in starts)),
+        steps=len(rw),
         start=rw[0], final=final, peak=peak, delta=final - rw[0], collapsed=bool(final < 0.5 * peak),
         eval_start={k: evals[0].get(k) for k in EVAL} if evals else {},
         eval_end={k: evals[-1].get(k) for k in EVAL} if evals else {},
