@@ -113,3 +113,18 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, cache_dir, monkeypatch):
     assert starts[0] == 0 and len(starts) == 2 and 0 < starts[1] <= killed_at
     assert max(r.get("grad_norm", 0.0) for r in a) > 0
     assert_same_records(a, b)
+
+
+def test_async_rollout_hosts_vllm_in_the_worker(tmp_path, cache_dir):
+    """--engine vllm --async_rollout 1: the worker process hosts vLLM and samples what an in-process vLLM samples
+    with --rollout_lag 1 (the same per-prompt seeds and weights): the same records, step by step."""
+    kw = dict(method="dppo-binary-tv", steps=3, eval_every=0, reward="my_rewards:contains_answer")
+    sys.path.insert(0, DATA)
+    try:
+        lag = run_in_process(tmp_path / "lag", cache_dir, rollout_lag=1, **kw)
+        asy = run_in_process(tmp_path / "async", cache_dir, async_rollout=1, **kw)
+    finally:
+        sys.path.remove(DATA)
+    assert [r["rollout/lag"] for r in asy if "reward" in r] == [0.0, 1.0, 1.0]
+    assert max(r["grad_norm"] for r in asy if "grad_norm" in r) > 0  # the policy moved: lag 1 differs from lag 0
+    assert_same_records(lag, asy)
