@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "experiments/positive_control.toml"
+LONG_CONFIG = "experiments/long.toml"  # the same miniature with ≥ 100-token responses (settings named long-*)
 RESULTS = ROOT / "experiments" / "results" / "evidence"
 RUNS = ROOT / "runs" / "evidence"
 
@@ -41,6 +42,8 @@ SETTINGS: dict[str, list[str]] = {
     **{f"bf16-lag{k}": ["--rollout_dtype", "bf16", "--rollout_lag", str(k)] for k in (1, 2, 4, 8)},
     **{f"fp32-lag{k}": ["--rollout_lag", str(k)] for k in (1, 2, 4, 8)},
     **{f"fp8-lag{k}": ["--rollout_dtype", "fp8", "--rollout_lag", str(k)] for k in (4,)},
+    # responses of ≥ 100 tokens (12-digit addition written out): does the mismatch compound with length?
+    "long-control": [], "long-bf16": ["--rollout_dtype", "bf16"], "long-fp8": ["--rollout_dtype", "fp8"],
 }
 
 SEC51 = ["pg-is", "cispo", "grpo-clip-higher", "minirl", "dppo-binary-tv", "dppo-binary-kl", "dppo-topk-tv", "ipo",
@@ -60,6 +63,8 @@ TABLES: dict[str, list[tuple[str, str]]] = {
     "ablations": [(MAIN, m) for m in ("dppo-binary-kl-recompute", "minimal-negative-mask",
                                       "minimal-negative-mask@anchor=recompute")],
     "staleness": [(s, m) for s in ("bf16", "bf16-lag1", "bf16-lag2", "bf16-lag4") for m in STALE],
+    # descriptive (no decision rule): the mismatch over training with long responses, seeds 0-2
+    "long": [(s, m) for s in ("long-control", "long-bf16", "long-fp8") for m in ("pg-is", "dppo-binary-tv")],
 }
 
 SERIES = ("reward", "accuracy", "mismatch/abs_diff_mean", "mismatch/abs_diff_max", "mismatch/abs_dlogp_mean",
@@ -82,7 +87,8 @@ def summary_path(setting: str, method: str, seed: int) -> Path:
 
 def command(setting: str, method: str, seed: int) -> list[str]:
     out = RUNS / setting / method / f"seed{seed}"
-    return [sys.executable, "-m", "dppo", "train", "--config", CONFIG, *SETTINGS[setting], "--method", method,
+    config = LONG_CONFIG if setting.startswith("long-") else CONFIG
+    return [sys.executable, "-m", "dppo", "train", "--config", config, *SETTINGS[setting], "--method", method,
             "--seed", str(seed), "--out", str(out.relative_to(ROOT)), "--no-progress", "--no-tensorboard",
             "--no-plot"]
 
@@ -149,12 +155,12 @@ def run_one(setting: str, method: str, seed: int) -> str:
             f"mismatch {summ['mismatch_mean']:.4f} ({wall:.0f} s)")
 
 
-def warm_up(seeds: list[int], jobs: int) -> None:
+def warm_up(seeds: list[int], jobs: int, config: str = CONFIG) -> None:
     """Each seed's warm-up model (cached), before the runs that share it start in parallel."""
     def one(seed):
         cmd = [sys.executable, "-c", "import sys; from dppo.run.cli import parse_config; "
                "from dppo.run.warmup import warm_start_for; warm_start_for(parse_config(sys.argv[1:]), log=print)",
-               "--config", CONFIG, "--seed", str(seed), "--out", "/tmp/unused"]
+               "--config", config, "--seed", str(seed), "--out", "/tmp/unused"]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         return seed
 
@@ -190,7 +196,8 @@ def main(argv: list[str]) -> int:
         for s, m, sd in runs:
             print(shlex.join(command(s, m, sd)))
         return 0
-    warm_up(seeds, ns.jobs)
+    for config in sorted({LONG_CONFIG if s.startswith("long-") else CONFIG for s, _ in TABLES[ns.table]}):
+        warm_up(seeds, ns.jobs, config)
     t0 = time.time()
     with ThreadPoolExecutor(ns.jobs) as ex:
         for line in ex.map(lambda r: run_one(*r), runs):

@@ -12,6 +12,13 @@ Masks are the library's, on the batch's real advantages: GRPO-ClipHigher's ``rat
 DPPO-Binary-TV's ``dppo_mask`` (δ 0.15), counted per side (Â > 0 blocks a rise, Â < 0 a fall; Â = 0 never blocks).
 
     python experiments/fig2_mismatch.py [dppo train flags ...]      # ≈ 2 min on a busy 2-core CPU
+    python experiments/fig2_mismatch.py --seeds 0-7 --batches 3 --tag v3-bf16 \
+        --config experiments/positive_control.toml --rollout_dtype bf16          # pooled (docs/results.md v3)
+
+``--seeds`` / ``--batches``: pool the tokens of the first B batches of each seed (each seed its own warm-up model; batch
+b sampled after the b PG-IS steps before it, whose updates are the "after" condition of batch b − 1), so every
+bucket's figures rest on as many tokens as the table's ``tokens`` column says. ``--tag`` names the outputs
+(``experiments/results/fig2[_TAG].json``, ``docs/img/results_fig2[_TAG].png``).
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ def plot(tables: dict, summaries: dict, path: Path) -> None:
         ax.axhline(1 + EPS_HIGH, color="r", lw=0.8, ls="--")
         ax.axhline(1 - EPS_LOW, color="r", lw=0.8, ls="--", label="clip band 0.8 / 1.28")
         ax.set_xscale("log")
-        ax.set_xlabel("μ(a_t) (bf16 rollout)")
+        ax.set_xlabel("μ(a_t) (rollout engine)")
         ax.set_ylabel("π/μ")
         ax.set_title(f"{name}: ratio (green Â>0, red Â<0, grey Â=0)", fontsize=9)
         ax.legend(loc="upper right", fontsize=8)
@@ -125,32 +132,59 @@ def plot(tables: dict, summaries: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _option(argv: list[str], name: str, default: str) -> tuple[str, list[str]]:
+    if name in argv:
+        i = argv.index(name)
+        return argv[i + 1], argv[:i] + argv[i + 2:]
+    return default, argv
+
+
 def main(argv: list[str]) -> int:
     t0 = time.time()
-    tr = make_trainer(argv, "pg-is")
-    batch = first_batch(tr)
-    ro, adv = batch["ro"], batch["adv"]
-    m = ro.response_mask
-    lmu_full = ro.rollout_full_logp
-    ent = -(lmu_full.exp() * lmu_full).sum(-1)
-    mu = ro.rollout_logp.exp()
-    adv_tok = adv[:, None].expand_as(mu)
-    names = tr.tok.convert_ids_to_tokens(list(range(len(tr.tok))))
-    tables = {}
-    tables["mismatch (same weights)"] = dict(pi=tr.logp(ro).exp())
-    update(tr, batch)
-    tables["after the step's 4 PG-IS updates"] = dict(pi=tr.logp(ro).exp())
-    for t in tables.values():
-        t.update(mu=mu[m], pi=t["pi"][m], adv=adv_tok[m], ent=ent[m], tok=ro.response_ids[m])
+    cmd = "python experiments/fig2_mismatch.py " + " ".join(argv)
+    seeds, argv = _option(argv, "--seeds", "")
+    batches, argv = _option(argv, "--batches", "1")
+    tag, argv = _option(argv, "--tag", "")
+    seed_list = [None] if not seeds else [int(x) for part in seeds.split(",") for x in (
+        range(int(part.split("-")[0]), int(part.split("-")[1]) + 1) if "-" in part else [part])]
+    keys = ("mismatch (same weights)", "after the step's 4 PG-IS updates")
+    parts: dict[str, list[dict]] = {k: [] for k in keys}
+    rewards, models = [], []
+    for seed in seed_list:
+        tr = make_trainer(argv + ([] if seed is None else ["--seed", str(seed)]), "pg-is")
+        models.append(tr.model_path)
+        names = tr.tok.convert_ids_to_tokens(list(range(len(tr.tok))))
+        for b in range(int(batches)):
+            batch = first_batch(tr, step=b)
+            ro, adv = batch["ro"], batch["adv"]
+            m = ro.response_mask
+            lmu_full = ro.rollout_full_logp
+            ent = -(lmu_full.exp() * lmu_full).sum(-1)
+            mu = ro.rollout_logp.exp()
+            adv_tok = adv[:, None].expand_as(mu)
+            pis = [tr.logp(ro).exp()]
+            update(tr, batch, step=b)
+            pis.append(tr.logp(ro).exp())
+            for k, pi in zip(keys, pis):
+                parts[k].append(dict(mu=mu[m], pi=pi[m], adv=adv_tok[m], ent=ent[m], tok=ro.response_ids[m]))
+            rewards.append(float(batch["rewards"].mean()))
+    tables = {k: {f: torch.cat([p[f] for p in ps]) for f in ("mu", "pi", "adv", "ent", "tok")}
+              for k, ps in parts.items()}
     summaries = {k: summarise(t["mu"], t["pi"], t["adv"], t["ent"], t["tok"], names) for k, t in tables.items()}
-    img = ROOT / "docs" / "img" / "results_fig2.png"
-    plot(tables, summaries, img)
+    img = ROOT / "docs" / "img" / f"results_fig2{'_' + tag if tag else ''}.png"
+    g = torch.Generator().manual_seed(0)
+    shown = {}
+    for k, t in tables.items():  # scatter: at most 20,000 points, the same rows of every field; the tables use all
+        idx = torch.randperm(len(t["mu"]), generator=g)[:20000]
+        shown[k] = {f: v[idx] for f, v in t.items()}
+    plot(shown, summaries, img)
     cfg = tr.cfg
-    res = dict(summaries=summaries, wall_s=time.time() - t0, machine=machine_line(machine_info()),
-               command="python experiments/fig2_mismatch.py " + " ".join(argv),
-               model=tr.model_path, rollouts=f"{cfg.rollout.prompts_per_step} prompts × {cfg.rollout.group_size}",
-               reward_mean=float(batch["rewards"].mean()), lr=cfg.optim.lr, image=str(img.relative_to(ROOT)))
-    out = ROOT / "experiments" / "results" / "fig2.json"
+    res = dict(summaries=summaries, wall_s=time.time() - t0, machine=machine_line(machine_info()), command=cmd,
+               models=models, seeds=seeds or str(cfg.seed), batches_per_seed=int(batches),
+               rollouts=f"{cfg.rollout.prompts_per_step} prompts × {cfg.rollout.group_size} per batch",
+               rollout_dtype=cfg.rollout.dtype, reward_mean=sum(rewards) / len(rewards), lr=cfg.optim.lr,
+               image=str(img.relative_to(ROOT)), scatter_points=min(20000, len(tables[keys[0]]["mu"])))
+    out = ROOT / "experiments" / "results" / f"fig2{'_' + tag if tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     for k, s in summaries.items():
