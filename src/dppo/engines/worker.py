@@ -172,6 +172,12 @@ class EngineWorker(RolloutEngine):
             head.done, head.value, head.seconds = True, value, seconds
 
 
+_TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
 def _stop(proc, requests, timeout: float) -> None:
     """Ask the worker to stop after its queued requests; SIGKILL it if it has not within ``timeout`` seconds (it
     ignores SIGTERM)."""
@@ -190,6 +196,10 @@ def _serve(spec: EngineSpec, requests, answers, parent: int) -> None:
     """The worker process: build the engine, then answer requests in order until "stop" or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles preemption and closes the worker
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the worker is a one-process engine, never a member of the trainer's torchrun job: an engine that reads
+    # torchrun's variables (vLLM's distributed setup does) must not try to join the trainer's store or process group
+    for var in _TORCHRUN_ENV:
+        os.environ.pop(var, None)
     try:
         torch.set_num_threads(max(1, spec.threads))
         engine = _build(spec)
