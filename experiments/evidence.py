@@ -42,6 +42,8 @@ SETTINGS: dict[str, list[str]] = {
     **{f"bf16-lag{k}": ["--rollout_dtype", "bf16", "--rollout_lag", str(k)] for k in (1, 2, 4, 8)},
     **{f"fp32-lag{k}": ["--rollout_lag", str(k)] for k in (1, 2, 4, 8)},
     **{f"fp8-lag{k}": ["--rollout_dtype", "fp8", "--rollout_lag", str(k)] for k in (4,)},
+    # what kept the previous miniature (experiments/miniature.toml) from learning: one of its choices at a time
+    "pc-8x8": ["--prompts_per_step", "8"], "pc-lr3e-5": ["--lr", "3e-5"], "pc-exact": ["--warmup_noise", "0"],
     # responses of ≥ 100 tokens (12-digit addition written out): does the mismatch compound with length?
     "long-control": [], "long-bf16": ["--rollout_dtype", "bf16"], "long-fp8": ["--rollout_dtype", "fp8"],
 }
@@ -63,6 +65,8 @@ TABLES: dict[str, list[tuple[str, str]]] = {
     "ablations": [(MAIN, m) for m in ("dppo-binary-kl-recompute", "minimal-negative-mask",
                                       "minimal-negative-mask@anchor=recompute")],
     "staleness": [(s, m) for s in ("bf16", "bf16-lag1", "bf16-lag2", "bf16-lag4") for m in STALE],
+    # descriptive (no decision rule): the previous miniature's choices one at a time in the control, seeds 0-3
+    "why": [(s, "dppo-binary-tv") for s in ("pc-8x8", "pc-lr3e-5", "pc-exact")],
     # descriptive (no decision rule): the mismatch over training with long responses, seeds 0-2
     "long": [(s, m) for s in ("long-control", "long-bf16", "long-fp8") for m in ("pg-is", "dppo-binary-tv")],
 }
