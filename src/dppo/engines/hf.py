@@ -113,7 +113,8 @@ class HFEngine(RolloutEngine):
         policy (FSDP2 DTensors) is gathered one tensor at a time: every process must call this together."""
         if self.shared:
             return
-        self.load_weights(policy_weights(policy))
+        # gathered in the engine dtype, except what is quantised or kept in fp32 from the master weights
+        self.load_weights(policy_weights(policy, self.dtype, keep=self._fp8_names | set(self._head_names)))
 
     @torch.no_grad()
     def load_weights(self, weights) -> None:

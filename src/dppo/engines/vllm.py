@@ -276,9 +276,10 @@ class VLLMEngine(RolloutEngine):
 
     def sync(self, policy: torch.nn.Module) -> None:
         """Load the policy's weights (merged for LoRA, every name of a tied tensor:
-        :func:`dppo.engines.weights.policy_weights`) into vLLM's model, cast to the engine dtype, and drop the prefix
-        cache (its KV was computed with the old weights). Raises if any parameter of vLLM's model was not written."""
-        self.load_weights(policy_weights(policy))
+        :func:`dppo.engines.weights.policy_weights`; a sharded policy gathered in the engine's dtype) into vLLM's
+        model and drop the prefix cache (its KV was computed with the old weights). Raises if any parameter of vLLM's
+        model was not written."""
+        self.load_weights(policy_weights(policy, getattr(torch, VLLM_DTYPES[self.dtype])))
 
     def load_weights(self, weights) -> None:
         """Load named tensors (``policy_weights`` or a :func:`dppo.engines.weights.snapshot` of an earlier step, for a

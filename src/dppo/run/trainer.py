@@ -38,9 +38,9 @@ from dppo.hf.model import (can_share_prompts, decoder_and_head, enable_gradient_
                            load_model, response_hidden_states, response_stats, training_mode)
 from dppo.loss import aggregation_denominator, policy_loss
 from dppo.metrics import MetricPool
-from dppo.rollout import Rollout, SamplingParams, encode_prompts, prompt_seeds
+from dppo.rollout import Rollout, RolloutEngineError, SamplingParams, encode_prompts, prompt_seeds
 from dppo.run.batch import Batch
-from dppo.run.config import ConfigError, TrainConfig, rollout_lag
+from dppo.run.config import ConfigError, TrainConfig, rollout_lag, vllm_sleep_level
 from dppo.run.distributed import Local
 from dppo.run.staleness import WeightHistory
 from dppo.run.validate import resolve_method, validate
@@ -105,7 +105,7 @@ class Trainer:
         self._engine_version: int | None = None  # the w_j the in-process engine holds (None: the current policy)
         vllm_kw = dict(vllm_max_model_len=rc.vllm_max_model_len,
                        vllm_gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
-                       vllm_enforce_eager=rc.vllm_enforce_eager)
+                       vllm_enforce_eager=rc.vllm_enforce_eager, vllm_sleep=vllm_sleep_level(cfg))
         if rc.async_rollout:
             from dppo.engines.worker import EngineSpec, EngineWorker
 
@@ -122,6 +122,7 @@ class Trainer:
                                       own_copy=self.dist.active or self.lag > 0,
                                       batch_size=rc.batch_size, max_logprobs=self.method.topk, seed=cfg.seed,
                                       **vllm_kw)
+            self.engine.sleep()  # vLLM's sleep mode: the GPU memory back for the policy until the first rollout
         self._add_lora()
         self.train_modules = enable_gradient_checkpointing(self.model) if cfg.optim.gradient_checkpointing else []
         if cfg.lora.rank and cfg.lora.dropout > 0:
@@ -230,6 +231,7 @@ class Trainer:
         rec = self._record(step, rewards, correct, mask, finished, adv, entropy)
         rec["reward/bad"] = float(n_bad)
         rec["rollout/lag"] = float(step - self.history.version_for(step)) if self.history is not None else 0.0
+        rec["time/sync"] = self._sync_seconds
         if cfg.rollout.async_rollout:
             rec["time/rollout_worker"] = self._worker_seconds
         rec.update({f"loss/{k}": v for k, v in pooled.items()})
@@ -249,17 +251,25 @@ class Trainer:
         of (seed, step, those weights); each prompt's responses of (seed, step, its index)."""
         g = self.cfg.rollout.group_size
         examples, ids, mask, seeds = self._batch_inputs(step)
+        t0 = time.perf_counter()
         if self.history is not None:
             self.history.push(step, self.model)  # w_step, before this step's first update ([dist] a collective)
         if self.cfg.rollout.async_rollout:
             pending = self._inflight.pop(step, None) or self._submit(step, ids, mask, seeds)
             if step + 1 < self.cfg.steps:  # sampled by the worker while this step trains: w_{step+1−k} is known now
                 self._inflight[step + 1] = self._submit(step + 1, *self._batch_inputs(step + 1)[1:])
+            self._sync_seconds = time.perf_counter() - t0  # the snapshot; the worker loads it while it samples
             ro = self.engine.result(pending, self.cfg.device)
             self._worker_seconds = pending.seconds
         else:
             self._engine_weights(step)
-            ro = self.engine.generate(ids, mask, self.sampling, num_samples=g, seeds=seeds)
+            self._sync_seconds = time.perf_counter() - t0  # [dist] the gather of the sharded policy included
+            try:
+                ro = self.engine.generate(ids, mask, self.sampling, num_samples=g, seeds=seeds)
+            except Exception as e:  # noqa: BLE001 - any engine failure stops the run, named
+                raise RolloutEngineError(f"the {self.cfg.rollout.engine} rollout engine failed while sampling step "
+                                         f"{step + 1}'s batch: {type(e).__name__}: {e}") from e
+            self.engine.sleep()  # vLLM's sleep mode: KV cache (and weights) released while the policy trains
         per_response = [ex for ex in examples for _ in range(g)]
         return ro, per_response, decode_responses(self.tok, ro)
 
@@ -280,7 +290,7 @@ class Trainer:
             self.engine.sync(self.model)
             return
         v = self.history.version_for(step)
-        if self._engine_version != v:
+        if self._engine_version != v or self.engine.needs_weights:  # a level-2 sleep discarded them
             self.engine.load_weights(self.history.weights(v))
             self._engine_version = v
 
@@ -405,6 +415,7 @@ class Trainer:
                        seed=seed_of(seed_of(self.cfg.seed, step), "eval"), device=self.cfg.device,
                        chat_template=self.cfg.task.chat_template, max_problems=ec.max_problems,
                        dist=self.dist if self.dist.active else None)  # [dist] each process its share of problems
+        self.engine.sleep()
         out["time/eval"] = time.perf_counter() - t
         return out
 
