@@ -73,7 +73,7 @@ want rollout && cp benchmarks/results/rollout_throughput_cuda.json "$OUT/" 2>/de
 if [[ ",$PARTS," == *",vllm_"* ]]; then
   if python3 -c "import vllm" >> "$LOG" 2>&1; then
     python3 -c "import vllm; print('vllm', vllm.__version__)" >> "$LOG" 2>&1
-    part vllm_pytest 240 python3 -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
+    part vllm_pytest 240 python3 -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py tests/test_vllm_sleep.py
     for lvl in 0 1 2; do
       part "vllm_sleep$lvl" 200 python3 benchmarks/vllm_gpu_phases.py --build 1.5b --out "$OUT/vllm_phases_sleep$lvl.json" \
         -- --device cuda --engine vllm --vllm_sleep "$lvl"

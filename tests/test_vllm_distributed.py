@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
     one = dist_worker.run_all(NAMES, str(tmp / "one"), cache, Local())  # fills the warm-up cache first
     t0 = time.time()
     r = subprocess.run(TORCHRUN + [os.path.join(HERE, "dist_worker.py"), str(tmp / "two.pt"), cache, *NAMES],
-                       env=_env(), capture_output=True, text=True, timeout=600)
+                       env=_env(), capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     print(f"torchrun worker (vLLM): {time.time() - t0:.1f}s")
     return one, torch.load(tmp / "two.pt", weights_only=True), tmp, cache
@@ -108,7 +108,7 @@ def test_sigterm_resume_and_final_export_with_vllm(runs, tmp_path):
     assert err.count(f"stopped by SIGTERM after step {stopped} of {steps}") == 2, err[-3000:]
     assert latest_step(str(run)) == stopped and not (run / "final").exists()
 
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     assert (run / "final" / "config.json").is_file() and (run / "final" / "model.safetensors").is_file()
     got = read_metrics(str(run / "metrics.jsonl"))

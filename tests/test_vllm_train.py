@@ -65,6 +65,26 @@ def test_fp32_head_is_refused_with_vllm(tmp_path):
         validate(make_config(out=str(tmp_path), engine="vllm", rollout_fp32_head=True))
 
 
+def test_vllm_sleep_is_refused_where_it_cannot_work(tmp_path):
+    """--vllm_sleep needs vLLM on a CUDA GPU and an engine that sleeps between rollouts (not --async_rollout's
+    worker); left unset it is 2 on CUDA and 0 elsewhere."""
+    from dppo.run.config import vllm_sleep_level
+    from dppo.run.validate import validate
+
+    for kw, needle in [(dict(engine="vllm", vllm_sleep=2), "needs a CUDA GPU"),
+                       (dict(engine="vllm", vllm_sleep=1, async_rollout=1, device="cuda"), "no time between rollouts"),
+                       (dict(engine="hf", vllm_sleep=1), "the HF engine"),
+                       (dict(dist_phase_timeout=0), "--dist_phase_timeout must be > 0")]:
+        with pytest.raises(ConfigError, match=needle):
+            validate(make_config(out=str(tmp_path), **kw))
+    validate(make_config(out=str(tmp_path), engine="vllm", vllm_sleep=0))
+    assert vllm_sleep_level(make_config(engine="vllm")) == 0
+    assert vllm_sleep_level(make_config(engine="vllm", device="cuda")) == 2
+    assert vllm_sleep_level(make_config(engine="vllm", device="cuda", async_rollout=1)) == 0
+    assert vllm_sleep_level(make_config(engine="hf", device="cuda")) == 0
+    assert vllm_sleep_level(make_config(engine="vllm", device="cuda", vllm_sleep=1)) == 1
+
+
 def _cmd(out, cache, steps):
     cmd = [sys.executable, "-m", "dppo", "train", "--out", str(out), "--cache_dir", str(cache), "--no-progress",
            "--no-plot", "--no-tensorboard", "--steps", str(steps), "--eval_every", "4", "--ckpt_every", "3"]

@@ -233,12 +233,11 @@ class VLLMEngine(RolloutEngine):
         self.sleep_level = int(sleep_level)
         self.external_launcher = _under_process_group()
         if self.external_launcher:
-            missing = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-                       if v not in os.environ]
+            missing = [v for v in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:
-                raise RuntimeError(f"a torch.distributed process group exists but {', '.join(missing)} is not set: "
-                                   "the vLLM engine joins a torchrun job's process group (external_launcher), so "
-                                   "start the job with torchrun")
+                raise RuntimeError(f"a torchrun process group exists but {', '.join(missing)} is not set: the vLLM "
+                                   "engine joins it through vLLM's external_launcher, which reads torchrun's "
+                                   "environment; start the job with torchrun")
             kw["distributed_executor_backend"] = "external_launcher"
         keep = _ProcessState()  # vLLM's worker reseeds the global RNGs and pins torch's thread count
         try:
@@ -266,6 +265,8 @@ class VLLMEngine(RolloutEngine):
         self.needs_weights = self.sleep_level == 2
 
     def _wake(self, weights_only: bool) -> None:
+        if (self._weights_asleep or self._asleep and not weights_only) and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # what training freed but torch's allocator still holds: vLLM remaps it (as TRL)
         if self._weights_asleep:
             self.llm.wake_up(tags=["weights"])
             self._weights_asleep = False
@@ -397,9 +398,10 @@ class VLLMEngine(RolloutEngine):
 
 
 def _under_process_group() -> bool:
+    """A torchrun job's process group exists (not one an earlier in-process vLLM engine set up for itself)."""
     import torch.distributed as tdist
 
-    return tdist.is_available() and tdist.is_initialized()
+    return tdist.is_available() and tdist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _release_vllm_groups(*_, **__) -> None:

@@ -38,9 +38,10 @@ the processes that did not arrive). A failed collective or barrier ends the job 
 message names the process, the phase, the step and how to resume. On CUDA a collective with a dead peer blocks
 rather than fails (NCCL); a watchdog thread then reports the same message and exits with status 7 after
 ``--dist_timeout`` without progress, before NCCL's own watchdog (given 60 s more) would abort the process with no
-word of which phase it was in. Checkpoints are sharded (torch.distributed.checkpoint, :mod:`dppo.run.dist_checkpoint`) and
-resumable under another number of processes, one included; rank 0 alone writes metrics, configuration and the final
-model. A stop request (SIGTERM/SIGINT) is agreed by all processes at each poll, so they all write the same step.
+word of which phase it was in.
+
+Checkpoints are sharded (torch.distributed.checkpoint, :mod:`dppo.run.dist_checkpoint`) and resumable under another
+number of processes, one included; rank 0 alone writes metrics, configuration and the final model. A stop request (SIGTERM/SIGINT) is agreed by all processes at each poll, so they all write the same step.
 """
 
 from __future__ import annotations

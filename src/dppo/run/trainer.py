@@ -121,8 +121,9 @@ class Trainer:
             # [dist] the HF engine's own copy from a skeleton (no second fp32 copy of the weights; the first sync fills
             # it), since a sharded policy cannot be sampled with
             skeleton = load_skeleton(self.model_path)[0] if self.dist.active and rc.engine == "hf" else None
-            self.engine = make_engine(rc.engine, skeleton or self.model, self.model_path, eos_token_id=eos,
-                                      pad_token_id=self.tok.pad_token_id, dtype=rc.dtype, fp32_head=rc.fp32_head,
+            self.engine = make_engine(rc.engine, self.model if skeleton is None else skeleton, self.model_path,
+                                      eos_token_id=eos, pad_token_id=self.tok.pad_token_id, dtype=rc.dtype,
+                                      fp32_head=rc.fp32_head,
                                       # a lagged engine holds w_{t−k}
                                       own_copy=self.dist.active or self.lag > 0, device=self._device(),
                                       batch_size=rc.batch_size, max_logprobs=self.method.topk, seed=cfg.seed,
