@@ -9,7 +9,8 @@ earlier commit's ("before": every process loads the whole fp32 model; by default
 Each run is `dppo train --model DIR` (2 processes: `torchrun --standalone --nproc_per_node 2`), one torch thread per
 process, started through benchmarks/_peak_rss.py, which writes each process's peak resident set (VmHWM of
 /proc/self/status, the whole run: load, engine start-up, rollouts, training, final export) when it exits. Times are
-medians over the steps after the first (`time/step`, `time/rollout`, `time/sync`, `time/train` of metrics.jsonl).
+medians over the steps after the first (`time/step`, `time/rollout`, `time/sync`, `time/train` of metrics.jsonl);
+the 1-minute load average before and after each run is recorded (other jobs on the machine slow both alike).
 The "before" code is `git archive`d into a temporary directory and put first on PYTHONPATH. Writes
 benchmarks/results/vllm_torchrun.json.
 """
@@ -28,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RUNS = ("before:hf:1,before:hf:2,after:hf:1,after:hf:2,before:vllm:1,before:vllm:2,after:vllm:1,after:vllm:2,"
-        "after:vllm-lora:1,after:vllm-lora:2")
+        "after:vllm-lora:2")
 
 
 def build_model(path: str, hidden: int, layers: int, vocab: int) -> int:
@@ -71,9 +72,9 @@ def one_run(code: str, engine: str, nproc: int, src: str, model: str, out: str, 
     cmd = launch + [os.path.join(HERE, "_peak_rss.py"), "train", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DPPO_PEAK_RSS_DIR": rss_dir}
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
+    wall, load1 = time.time() - t0, os.getloadavg()[0]
     rows = []
     mpath = os.path.join(out, "run", "metrics.jsonl")
     if os.path.exists(mpath):
@@ -92,7 +93,8 @@ def one_run(code: str, engine: str, nproc: int, src: str, model: str, out: str, 
 
     res = {"code": code, "engine": engine, "processes": nproc, "exit_code": r.returncode, "wall_s": round(wall, 1),
            "peak_rss_gb": rss, "median_s": {k: med(f"time/{k}") for k in ("step", "rollout", "sync", "train")},
-           "final_exported": os.path.isfile(os.path.join(out, "run", "final", "config.json"))}
+           "final_exported": os.path.isfile(os.path.join(out, "run", "final", "config.json")),
+           "load_average_1min": [round(load0, 2), round(load1, 2)]}
     if r.returncode:
         res["error"] = [line for line in r.stderr.splitlines() if "Error" in line][-3:]
     return res

@@ -216,8 +216,8 @@ def test_engine_failure_mid_rollout_keeps_the_last_checkpoint(tmp_path, cache_di
     real, calls = HFEngine.generate, []
 
     def failing(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
+        calls.append(k["num_samples"])  # the evaluation samples 1 per problem, a training rollout 4 per prompt
+        if calls.count(4) == 3:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(self, *a, **k)
 
@@ -226,7 +226,7 @@ def test_engine_failure_mid_rollout_keeps_the_last_checkpoint(tmp_path, cache_di
     with pytest.raises(RolloutEngineError, match=r"step 3: the hf rollout engine failed while sampling step 3's "
                        r"batch: RuntimeError: CUDA error: .*\nStopping\. The last checkpoint \(step 2\) is kept"):
         _run(out, cache_dir, steps=4)
-    assert latest_step(str(out)) == 2 and [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
+    assert latest_step(str(out)) == 2 and [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [0, 1, 2]
     monkeypatch.setattr(HFEngine, "generate", real)
     rows = _run(out, cache_dir, steps=4)
     assert [r["step"] for r in rows] == [3, 4] and latest_step(str(out)) == 4

@@ -100,9 +100,14 @@ def test_sigterm_resume_and_final_export_with_vllm(runs, tmp_path):
     cmd = TORCHRUN + ["-m", "dppo", "train", "--out", str(run), "--cache_dir", cache, *_flags(
         "vllm_binary", steps=steps, ckpt_every=2, eval_every=0, eval_max_problems=8)]
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_lines(run / "metrics.jsonl", 3, p, timeout=300)  # step 0's evaluation, steps 1 and 2
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
+    try:
+        _wait_lines(run / "metrics.jsonl", 3, p, timeout=600)  # step 0's evaluation, steps 1 and 2
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:  # a failed wait: torchrun forwards SIGTERM and kills its workers 30 s later
+            p.send_signal(signal.SIGTERM)
+            p.wait(60)
     stopped = len(read_metrics(str(run / "metrics.jsonl"))) - 1
     assert p.returncode != 0 and stopped < steps, (p.returncode, stopped)
     assert err.count(f"stopped by SIGTERM after step {stopped} of {steps}") == 2, err[-3000:]
