@@ -125,6 +125,10 @@ def main(argv=None) -> int:
                "after": subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
                                        check=True).stdout.strip()}
     src["before"] = os.path.join(tmp, "before", "src")
+    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "src"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    if dirty:
+        commits["after"] += " + uncommitted changes in src/"
     results = []
     for i, spec in enumerate(a.runs.split(",")):
         code, engine, nproc = spec.split(":")

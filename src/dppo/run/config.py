@@ -312,9 +312,10 @@ class TrainConfig:
 SECTIONS = ("model", "task", "rollout", "method", "optim", "lora", "eval", "log")
 
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
-RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.threads", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
-                     "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device",
-                     "optim.gradient_checkpointing", "dist_timeout", "dist_phase_timeout"}
+RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.threads",
+                     "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep", "log.ckpt_every",
+                     "log.keep_checkpoints", "log.tensorboard", "log.report_to", "log.progress", "log.plot", "threads",
+                     "model.cache_dir", "device", "optim.gradient_checkpointing", "dist_timeout", "dist_phase_timeout"}
 
 
 class ConfigError(ValueError):

@@ -237,14 +237,18 @@ class Distributed(Local):
         self.device = torch.device("cuda", self.local_rank) if dev.type == "cuda" else dev
         self.phase, self.step = "start-up", None
         self._deadline: float | None = None  # the watchdog's: monotonic time by which this phase must progress
-        # NCCL blocks on a dead peer: its own timeout comes later than dppo's watchdog, which reports the phase
-        grace = NCCL_GRACE_S if dev.type == "cuda" else 0.0
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout + grace))
+        # the processes reach the rendezvous at different times (imports, a GPU's start): the long bound first
+        dist.init_process_group(backend, timeout=datetime.timedelta(
+            seconds=max(cfg.dist_timeout, cfg.dist_phase_timeout)))
         # the long phases' barriers: gloo (a monitored barrier names who is missing) with their own timeout
         self._long = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.dist_phase_timeout))
         from torch.distributed.device_mesh import init_device_mesh
 
         self.mesh = init_device_mesh(dev.type, (self.world,))
+        # from here each collective waits --dist_timeout; NCCL, which blocks on a dead peer, 60 s more, so that
+        # dppo's watchdog (which names the phase) reports first
+        grace = NCCL_GRACE_S if dev.type == "cuda" else 0.0
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=cfg.dist_timeout + grace))
         self.root: _Root | None = None
         self._from_rank0 = False  # load_policy: the weights come from rank 0 at shard()
         self._watchdog = _Watchdog(self) if dev.type == "cuda" else None
