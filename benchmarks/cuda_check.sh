@@ -11,8 +11,17 @@
 #   tiles_pytest  the kernels' tests compiled on the GPU (tests/test_triton_tiles.py) and the fused path's CUDA test
 #   tiles_bench   benchmarks/token_stats_cuda.py: kernel sweep, then naive / fused (Triton) / fused (PyTorch tiles) /
 #                 GEMMs alone / Liger at H 1536 and 4096, N 1k-64k, fp32 and bf16, reported against the goals
+# and, on its own (PARTS=vllm), issue 21's check of the vLLM engine on CUDA (~8 min on an H200; vllm installed there,
+# else every vllm part is skipped with a message):
+#   vllm_pytest   the vLLM engine's tests with its CUDA build (log μ against the HF forward, weight sync, sleep refusal)
+#   vllm_sleep0/1/2  benchmarks/vllm_gpu_phases.py: a Qwen2.5-1.5B-shaped model (random weights, built there), 4 steps
+#                 of 64 x 8 responses through dppo's Trainer with --engine vllm, device memory per phase (start-up,
+#                 sync, generate, asleep, train) with --vllm_sleep 0, 1 and 2
+#   vllm_torchrun1  `torchrun --nproc_per_node 1 -m dppo train --engine vllm` on the default job's model: the engine
+#                 joined to the process group (external_launcher), sleep level 2 by default, the final export after it
+#   vllm_torchrun2  the phases benchmark under torchrun with 2 GPUs (skipped with a message on a 1-GPU machine)
 # Usage: OUT=dir bash benchmarks/cuda_check.sh      (a few minutes on an H100/H200; each part has its own timeout)
-#        OUT=dir PARTS=tiles bash benchmarks/cuda_check.sh        (PARTS: comma-separated part names, or "tiles")
+#        OUT=dir PARTS=tiles bash benchmarks/cuda_check.sh        (PARTS: comma-separated part names, "tiles", "vllm")
 set -uo pipefail
 OUT=${OUT:-runs/cuda_check}
 mkdir -p "$OUT"
@@ -27,6 +36,7 @@ fi
 MODEL=${MODEL:-.devmodel}
 PARTS=${PARTS:-token_stats,train,torchrun,gpu_memory,pytest,rollout}
 [ "$PARTS" = tiles ] && PARTS=tiles_pytest,tiles_bench
+[ "$PARTS" = vllm ] && PARTS=vllm_pytest,vllm_sleep0,vllm_sleep1,vllm_sleep2,vllm_torchrun1,vllm_torchrun2
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 part() {  # part NAME TIMEOUT_S CMD...: runs CMD, its output appended to the log, with its exit status and time
   local name=$1 t=$2; shift 2
@@ -59,4 +69,27 @@ want tiles_bench && [ ! -f "$OUT/token_stats_cuda_triton.json" ] && [ -f "$OUT/t
   && python3 benchmarks/token_stats_cuda.py --report "$OUT/token_stats_cuda_triton.json.partial" >> "$LOG" 2>&1
 part rollout 80 python3 benchmarks/rollout_throughput.py --device cuda --engines hf
 want rollout && cp benchmarks/results/rollout_throughput_cuda.json "$OUT/" 2>/dev/null
+# issue 21: vLLM on CUDA, sleep mode, torchrun (skipped with a message where vllm is absent or GPUs are too few)
+if [[ ",$PARTS," == *",vllm_"* ]]; then
+  if python3 -c "import vllm" >> "$LOG" 2>&1; then
+    python3 -c "import vllm; print('vllm', vllm.__version__)" >> "$LOG" 2>&1
+    part vllm_pytest 240 python3 -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py tests/test_vllm_sleep.py
+    for lvl in 0 1 2; do
+      part "vllm_sleep$lvl" 200 python3 benchmarks/vllm_gpu_phases.py --build 1.5b --out "$OUT/vllm_phases_sleep$lvl.json" \
+        -- --device cuda --engine vllm --vllm_sleep "$lvl"
+    done
+    part vllm_torchrun1 150 torchrun --standalone --nproc_per_node 1 -m dppo train --device cuda --engine vllm \
+      --model "$MODEL" --steps 3 --out /tmp/run_vllm_torchrun --no-progress --no-plot
+    want vllm_torchrun1 && cp /tmp/run_vllm_torchrun/metrics.jsonl "$OUT/vllm_torchrun_metrics.jsonl" 2>/dev/null \
+      && ls /tmp/run_vllm_torchrun/final >> "$LOG" 2>&1
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+      part vllm_torchrun2 240 torchrun --standalone --nproc_per_node 2 benchmarks/vllm_gpu_phases.py --build 1.5b \
+        --out "$OUT/vllm_phases_2gpu.json" -- --device cuda --engine vllm
+    elif want vllm_torchrun2; then
+      echo "=== vllm_torchrun2: skipped: one GPU visible, 2 needed" | tee -a "$LOG"
+    fi
+  else
+    echo "=== vllm parts: skipped: vllm is not installed here (pip install vllm==0.32.0 to run them)" | tee -a "$LOG"
+  fi
+fi
 tail -c 3000 "$LOG"

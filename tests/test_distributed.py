@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,9 @@ def test_two_processes_give_the_one_process_run(runs, name):
     assert diffs == [], "\n".join(diffs)
     assert all(s["record"]["grad_norm"] > 0 for s in a["steps"]), "no update moved the policy: nothing was compared"
     assert len(a["steps"][0]["params"]) > 0
+    assert a["reads"] == [1] and b["reads"] == [1, 0]  # rank 0 alone read the weights; rank 1 got its shards
+    if name == "default":  # a bf16 engine: the sharded fp32 policy is cast before it is gathered (half the traffic)
+        assert b["gathered"] == [["torch.bfloat16"]] * 2, b["gathered"]
     if name == "lora":
         assert b["peft"] and all(".lora_" in n for n in a["steps"][0]["params"])  # only the adapters train
     if name == "uneven":  # the processes hold different numbers of response tokens (the global denominator
@@ -337,3 +341,60 @@ def test_torchrun_configuration_errors(monkeypatch, tmp_path, kw, needle):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=needle):
         Distributed(make_config(out=str(tmp_path), **kw))
+
+
+def test_long_phases_have_their_own_timeout(tmp_path):
+    """--dist_timeout 1 s bounds a collective; a process generating for 3 s is waited for at the end of its phase
+    (--dist_phase_timeout 6 s) and the job goes on; rank 0 exporting the final model for longer than 6 s stops the
+    other process with dppo's message naming it, the phase and how to resume, and a non-zero exit, within ~6 s."""
+    p = subprocess.run(TORCHRUN + [os.path.join(HERE, "dist_phases.py"), str(tmp_path), "1", "6", "3"], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert "rank 0: rollout and train done" in p.stderr and "rank 1: rollout and train done" in p.stderr, p.stderr
+    took = re.search(r"rank 1: stopped after ([\d.]+) s of the final export", p.stderr)
+    assert p.returncode != 0 and took and 5.5 < float(took.group(1)) < 30, (p.returncode, p.stderr[-3000:])
+    assert re.search(r"dppo train: process 1 of 2 lost contact with the others during final export \(.*"
+                     r"monitoredBarrier.*--dist_phase_timeout 6 s.*run the same command again to resume", p.stderr), \
+        p.stderr[-3000:]
+
+
+def test_watchdog_reports_the_phase_and_step():
+    """The CUDA watchdog (a blocked NCCL collective never raises): after --dist_timeout without progress it reports
+    the process, the phase and the step; a beat in time keeps it quiet."""
+    from types import SimpleNamespace
+
+    from dppo.run.distributed import Distributed, _Watchdog
+
+    d = SimpleNamespace(rank=1, world=2, phase="train", step=6, _deadline=time.monotonic() + 0.3,
+                        cfg=SimpleNamespace(dist_timeout=0.3, dist_phase_timeout=60.0, out="runs/x"))
+    d.lost_message = lambda cause: Distributed.lost_message(d, cause)
+    fired: list[str] = []
+    w = _Watchdog(d, poll_s=0.02, on_fire=fired.append)
+    for _ in range(5):  # progress every 0.1 s: no report
+        time.sleep(0.1)
+        d._deadline = time.monotonic() + 0.3
+    assert fired == []
+    time.sleep(0.6)
+    w.stop()
+    assert len(fired) == 1 and fired[0].startswith("process 1 of 2 lost contact with the others during train of "
+                                                   "step 7 (no progress for 0.3 s"), fired
+
+
+def test_skeleton_holds_no_weights_and_takes_them_whole(tmp_path):
+    """What a process other than rank 0 builds: every parameter on the meta device (tied ones still one), the
+    buffers and generation config as from_pretrained gives them; given storage and rank 0's state dict, the same
+    function as the loaded model."""
+    from dppo.hf.model import build_char_tokenizer, build_tiny_model, load_model, load_skeleton, materialize
+
+    tok = build_char_tokenizer("0123456789+=")
+    build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=2).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    a, _ = load_model(str(tmp_path))
+    b, tok_b = load_skeleton(str(tmp_path))
+    assert all(p.is_meta for p in b.parameters()) and b.lm_head.weight is b.model.embed_tokens.weight
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    for (n, x), (m, y) in zip(a.named_buffers(), b.named_buffers()):
+        assert n == m and torch.equal(x, y), n
+    assert b.generation_config.eos_token_id == a.generation_config.eos_token_id and tok_b.padding_side == "left"
+    materialize(b, "cpu").load_state_dict(a.state_dict())
+    ids = torch.tensor([[1, 5, 6, 14, 7]])
+    assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)

@@ -204,3 +204,29 @@ def test_scoring_accepts_numbers_and_rejects_the_rest():
             score(T([v]), ex[:1], ["0"])
     r, bad = score(T([float("-inf")]), ex[:1], ["0"], on_bad="zero")
     assert r.tolist() == [0.0] and bad == 1
+
+
+def test_engine_failure_mid_rollout_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """The engine raises while sampling step 3 (an injected fault; vLLM's real one under torchrun:
+    test_vllm_distributed.py): the run stops with RolloutEngineError naming the engine and the step, the checkpoint
+    of step 2 stays, and the same command resumes from it to the end."""
+    from dppo.engines.hf import HFEngine
+    from dppo.rollout import RolloutEngineError
+
+    real, calls = HFEngine.generate, []
+
+    def failing(self, *a, **k):
+        calls.append(k["num_samples"])  # the evaluation samples 1 per problem, a training rollout 4 per prompt
+        if calls.count(4) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(HFEngine, "generate", failing)
+    out = tmp_path / "run"
+    with pytest.raises(RolloutEngineError, match=r"step 3: the hf rollout engine failed while sampling step 3's "
+                       r"batch: RuntimeError: CUDA error: .*\nStopping\. The last checkpoint \(step 2\) is kept"):
+        _run(out, cache_dir, steps=4)
+    assert latest_step(str(out)) == 2 and [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [0, 1, 2]
+    monkeypatch.setattr(HFEngine, "generate", real)
+    rows = _run(out, cache_dir, steps=4)
+    assert [r["step"] for r in rows] == [3, 4] and latest_step(str(out)) == 4

@@ -27,6 +27,7 @@ REQUIRED_KEYS = [
     "reward", "accuracy", "response_len", "entropy", "loss/abs_diff_mean", "loss/abs_diff_max", "loss/abs_diff_min",
     "loss/diff_max", "loss/diff_min", "loss/masked_frac", "loss/masked_frac_pos", "loss/masked_frac_neg",
     "loss/div_mean", "loss/ratio_max", "grad_norm", "tokens_per_s", "time/rollout", "time/train", "time/recompute",
+    "time/sync",
 ]
 
 

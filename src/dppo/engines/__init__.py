@@ -20,16 +20,18 @@ ENGINES = ("hf", "vllm")
 
 def make_engine(name: str, model: torch.nn.Module, model_path: str, *, eos_token_id: int | list[int],
                 pad_token_id: int, dtype: str = "fp32", batch_size: int = 256, fp32_head: bool = False,
-                own_copy: bool = False, max_logprobs: int = 20, seed: int = 0, vllm_max_model_len: int = 0,
-                vllm_gpu_memory_utilization: float = 0.3, vllm_enforce_eager: bool = False) -> RolloutEngine:
+                own_copy: bool = False, device: str | None = None, max_logprobs: int = 20, seed: int = 0, vllm_max_model_len: int = 0,
+                vllm_gpu_memory_utilization: float = 0.3, vllm_enforce_eager: bool = False,
+                vllm_sleep: int = 0) -> RolloutEngine:
     """The rollout engine ``name`` ("hf" or "vllm") for the policy ``model`` loaded from ``model_path``.
 
-    ``batch_size``: responses generated at a time (HF: chunk size; vLLM: ``max_num_seqs``). ``fp32_head`` and
-    ``own_copy`` (never sample with the policy module itself: under FSDP2) are HF-engine options; ``max_logprobs``
+    ``batch_size``: responses generated at a time (HF: chunk size; vLLM: ``max_num_seqs``). ``fp32_head``,
+    ``own_copy`` (never sample with the policy module itself: under FSDP2) and ``device`` (where the own copy of a
+    ``model`` on the meta device is allocated) are HF-engine options; ``max_logprobs``
     and the ``vllm_*`` settings are vLLM's (:class:`VLLMEngine`, always its own copy)."""
     if name == "hf":
         return HFEngine(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, dtype=dtype,
-                        fp32_head=fp32_head, own_copy=own_copy, batch_size=batch_size)
+                        fp32_head=fp32_head, own_copy=own_copy, batch_size=batch_size, device=device)
     if name == "vllm":
         if fp32_head:
             raise ValueError("fp32_head (--rollout_fp32_head) is an HF-engine option; vLLM computes its logits "
@@ -39,7 +41,7 @@ def make_engine(name: str, model: torch.nn.Module, model_path: str, *, eos_token
         return VLLMEngine(model_path, eos_token_id=eos_token_id, pad_token_id=pad_token_id, dtype=dtype,
                           max_logprobs=max(20, max_logprobs), max_model_len=vllm_max_model_len,
                           max_num_seqs=batch_size, gpu_memory_utilization=vllm_gpu_memory_utilization,
-                          enforce_eager=vllm_enforce_eager, seed=seed)
+                          enforce_eager=vllm_enforce_eager, seed=seed, sleep_level=vllm_sleep)
     raise ValueError(f"engine {name!r}: expected one of {', '.join(ENGINES)}")
 
 

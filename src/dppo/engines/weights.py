@@ -36,11 +36,15 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def policy_weights(policy: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+def policy_weights(policy: nn.Module, dtype: torch.dtype | None = None, *,
+                   keep: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, Tensor]]:
     """``(name, tensor)`` of the plain transformers model ``policy`` computes (merged LoRA weights), named as in its
     ``named_parameters(remove_duplicate=False)``: a tied tensor is yielded under each of its names (the same tensor
     object). Sharded (FSDP2) parameters are gathered, one tensor at a time: every process must call this together.
-    ``dtype``: cast each tensor (None: as the policy holds it)."""
+    ``dtype``: cast each tensor (None: as the policy holds it), *before* a sharded one is gathered, so that the
+    gather moves bf16, not fp32 (half the traffic; the same values, since rounding is elementwise); the LoRA merge
+    W + (α/r)·B·A stays in the master dtype. ``keep``: names not cast (an engine that needs them at full precision:
+    FP8 quantisation from the master weights, an fp32 head)."""
     from dppo.hf.lora import base_model, merged_named_parameters
 
     names: dict[int, list[str]] = {}
@@ -48,9 +52,10 @@ def policy_weights(policy: nn.Module, dtype: torch.dtype | None = None) -> Itera
         names.setdefault(id(p), []).append(name)
     aliases = {group[0]: group[1:] for group in names.values() if len(group) > 1}
     for name, w in merged_named_parameters(policy):
-        w = full_tensor(w.detach())
-        if dtype is not None:
-            w = w.to(dtype)
+        w = w.detach()
+        if dtype is not None and name not in keep and not any(a in keep for a in aliases.get(name, ())):
+            w = w.to(dtype)  # a DTensor casts its local shard: the gather below moves `dtype`
+        w = full_tensor(w)
         yield name, w
         for alias in aliases.get(name, ()):
             yield alias, w

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dppo.rollout import Rollout, RolloutEngine, SamplingParams
+from dppo.rollout import Rollout, RolloutEngine, RolloutEngineError, SamplingParams
 
 __all__ = ["EngineWorker", "EngineSpec", "Pending", "RolloutWorkerError"]
 
 
-class RolloutWorkerError(RuntimeError):
+class RolloutWorkerError(RolloutEngineError):
     """The rollout worker process failed or died; the message names it and what it was doing."""
 
 
@@ -202,6 +202,7 @@ def _serve(spec: EngineSpec, requests, answers, parent: int) -> None:
         os.environ.pop(var, None)
     try:
         torch.set_num_threads(max(1, spec.threads))
+        spec = _pin_gpu(spec)
         engine = _build(spec)
         answers.put(("ok", f"{spec.name} engine, {spec.dtype}, pid {os.getpid()}, {torch.get_num_threads()} threads",
                      0.0))
@@ -233,6 +234,21 @@ def _serve(spec: EngineSpec, requests, answers, parent: int) -> None:
             answers.put(("error", traceback.format_exc(), time.perf_counter() - t0))
     if hasattr(engine, "close"):
         engine.close()
+
+
+def _pin_gpu(spec: EngineSpec) -> EngineSpec:
+    """On ``cuda:N``, make GPU N the worker's only visible device (before CUDA starts in this fresh process) and
+    build the engine on ``cuda:0``: vLLM's one-process executor takes device 0 of what it sees, so without this
+    every torchrun process's worker would put its engine on the first GPU."""
+    import dataclasses
+
+    dev = torch.device(spec.device)
+    if dev.type != "cuda" or dev.index is None:
+        return spec
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(dev.index + 1)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[dev.index]
+    return dataclasses.replace(spec, device="cuda:0")
 
 
 def _build(spec: EngineSpec) -> RolloutEngine:

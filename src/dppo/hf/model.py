@@ -18,7 +18,7 @@ from torch import Tensor
 __all__ = [
     "build_char_tokenizer", "build_tiny_model", "load_model", "ResponseStats", "response_stats",
     "position_ids_from_mask", "DTYPES", "enable_gradient_checkpointing", "training_mode", "decoder_and_head",
-    "eos_token_ids",
+    "eos_token_ids", "load_skeleton", "materialize", "has_meta_params",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,6 +92,65 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     model.to(device)
     model.config.use_cache = False
     return model, tok
+
+
+def load_skeleton(path: str):
+    """``(model, tokenizer)`` as :func:`load_model` gives them, but with every parameter on the meta device (shape
+    and dtype, no storage, nothing read or initialised) and the buffers real (rotary frequencies computed from the
+    config, on the CPU): the policy of a torchrun process that receives its weights from rank 0
+    (:meth:`dppo.run.distributed.Distributed.shard`). Tied parameters stay one parameter; the model's
+    ``generation_config.json`` is read as ``from_pretrained`` reads it (its EOS ids end responses)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r} is not a directory; pass a local directory with config.json")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    model.config.use_cache = False
+    return model, tok
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside is moved to the meta device as it is registered (before the module's own
+    initialisation, which then runs on meta tensors: no compute, no memory); buffers are left where they are
+    created. A parameter already on meta (a tied one, registered again) is kept as the same object."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def has_meta_params(model: torch.nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def materialize(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """Give the meta parameters of ``model`` uninitialised storage on ``device`` (``to_empty``), keeping the values
+    of its buffers (moved to ``device``); returns ``model``. Whoever calls it writes every parameter afterwards."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+    return model
 
 
 def enable_gradient_checkpointing(model) -> list[torch.nn.Module]:

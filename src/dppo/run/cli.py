@@ -12,7 +12,7 @@ __all__ = ["train_main", "plot_main", "parse_config", "EXIT"]
 
 # Exit statuses of `dppo train` (README, "Checkpoints and resume").
 EXIT = {"ok": 0, "config": 2, "nonfinite": 3, "checkpoint_write": 4, "bad_reward": 5, "checkpoint_load": 6,
-        "process_lost": 7, "rollout_worker": 8, "preempted": 75}
+        "process_lost": 7, "rollout_worker": 8, "rollout_engine": 8, "preempted": 75}
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
@@ -33,8 +33,8 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
 
 def train_main(argv: list[str]) -> int:
-    from dppo.engines.worker import RolloutWorkerError
     from dppo.run.checkpoint import CheckpointLoadError, CheckpointWriteError
+    from dppo.rollout import RolloutEngineError
     from dppo.run.distributed import ProcessLost
     from dppo.run.loop import NonFiniteError, Preempted, train
     from dppo.tasks.scoring import RewardError
@@ -60,9 +60,9 @@ def train_main(argv: list[str]) -> int:
     except ProcessLost as e:
         print(f"dppo train: {e}", file=sys.stderr)
         return EXIT["process_lost"]
-    except RolloutWorkerError as e:
+    except RolloutEngineError as e:  # the engine failed mid-rollout, or the --async_rollout worker died
         print(f"dppo train: {e}", file=sys.stderr)
-        return EXIT["rollout_worker"]
+        return EXIT["rollout_engine"]
     except Preempted as e:
         print(f"dppo train: {e}", file=sys.stderr)
         return EXIT["preempted"]

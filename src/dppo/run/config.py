@@ -25,7 +25,7 @@ from tyro.conf import arg
 
 __all__ = ["TrainConfig", "ModelConfig", "TaskConfig", "RolloutConfig", "MethodConfig", "OptimConfig", "LoraConfig",
            "EvalConfig", "LogConfig", "ConfigError", "make_config", "load_config", "save_config", "config_dict",
-           "flat_names", "RESUME_MAY_CHANGE", "rollout_lag"]
+           "flat_names", "RESUME_MAY_CHANGE", "rollout_lag", "vllm_sleep_level"]
 
 
 def _a(*names: str):
@@ -129,6 +129,12 @@ class RolloutConfig:
     vllm_max_model_len: Annotated[int, _a("vllm_max_model_len")] = 0
     """vLLM: longest prompt + response in tokens (0 = the model's max_position_embeddings); lower it to shrink the
     KV cache"""
+    vllm_sleep: Annotated[Literal[0, 1, 2] | None, _a("vllm_sleep")] = None
+    """vLLM's sleep mode between rollouts, so that training gets the GPU memory back: 1 = free the KV cache and
+    offload the weights to CPU memory, 2 = free the KV cache and discard the weights (each sync rewrites all of them;
+    TRL's colocate mode uses 2), 0 = the engine stays resident (its weights and KV cache held while the policy
+    trains). None = 2 on a CUDA GPU, 0 elsewhere (vLLM has no sleep mode on the CPU, where 1 and 2 are refused) and
+    with --async_rollout (whose engine samples while the trainer trains)"""
     vllm_enforce_eager: Annotated[bool, _a("vllm_enforce_eager")] = False
     """vLLM: eager mode, no CUDA graphs / torch.compile: starts in seconds instead of 25–50 s on a 2-core CPU,
     decodes up to 19 % slower there (docs/benchmarks.md)"""
@@ -285,9 +291,14 @@ class TrainConfig:
     """torch CPU threads (0 = auto: 1 for the built-in tiny model, whose matrices are too small to gain from more
     and which slows down badly on a busy machine; torch's default otherwise)"""
     dist_timeout: float = 600.0
-    """under torchrun: seconds a process waits in a collective (a gradient sum, a weight gather) for the others
-    before it gives up and the job stops with a message; bounds the hang when a process dies (*ours*; torch's
-    default is 1800). Must exceed the longest stretch one process works alone (a warm-up, a slow rollout)"""
+    """under torchrun: seconds a process waits in one collective (a gradient sum, a weight gather) for the others
+    before the job stops with a message naming the process and the phase; bounds the hang when a process dies
+    (*ours*; torch's default is 1800). The long phases a process runs alone have their own bound,
+    --dist_phase_timeout"""
+    dist_phase_timeout: float = 3600.0
+    """under torchrun: seconds a process waits for the others at the end of a phase each runs on its own for long:
+    the model load and warm-up, rollout generation, evaluation, a checkpoint write, the final export (rank 0 alone);
+    a process that has not arrived by then is named in the error (*ours*)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -301,9 +312,10 @@ class TrainConfig:
 SECTIONS = ("model", "task", "rollout", "method", "optim", "lora", "eval", "log")
 
 # Fields that may differ when a run directory is resumed (they do not change what the run computes up to its end).
-RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.threads", "rollout.vllm_gpu_memory_utilization", "log.ckpt_every", "log.keep_checkpoints", "log.tensorboard",
-                     "log.report_to", "log.progress", "log.plot", "threads", "model.cache_dir", "device",
-                     "optim.gradient_checkpointing", "dist_timeout"}
+RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.threads",
+                     "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep", "log.ckpt_every",
+                     "log.keep_checkpoints", "log.tensorboard", "log.report_to", "log.progress", "log.plot", "threads",
+                     "model.cache_dir", "device", "optim.gradient_checkpointing", "dist_timeout", "dist_phase_timeout"}
 
 
 class ConfigError(ValueError):
@@ -321,6 +333,15 @@ def flat_names() -> dict[str, str]:
                 for alias in getattr(meta, "aliases", None) or ():
                     out[alias.lstrip("-")] = f"{sec}.{f.name}"
     return out
+
+
+def vllm_sleep_level(cfg: TrainConfig) -> int:
+    """The vLLM engine's sleep level: ``--vllm_sleep``, or with None 2 on a CUDA device (0 on the CPU, with
+    --async_rollout and with the HF engine)."""
+    ro = cfg.rollout
+    if ro.vllm_sleep is not None:
+        return int(ro.vllm_sleep)
+    return 2 if ro.engine == "vllm" and cfg.device.startswith("cuda") and not ro.async_rollout else 0
 
 
 def rollout_lag(cfg: TrainConfig) -> int:

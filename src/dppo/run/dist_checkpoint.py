@@ -85,8 +85,9 @@ def save_sharded(dist, run_dir: str, *, step: int, model, optimizer, scheduler, 
             err = e
     agree(err)
     msd, osd = get_state_dict(model, optimizer, options=_options())
-    try:
-        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, "dcp"))
+    try:  # DCP's own coordination on the long phases' group: a slow write waits --dist_phase_timeout
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, "dcp"),
+                 process_group=getattr(dist, "_long", None))
     except _dcp_errors() as e:  # DCP reports any process's failure on every process
         err = OSError(_failure(e))
     agree(err)
@@ -103,7 +104,7 @@ def save_sharded(dist, run_dir: str, *, step: int, model, optimizer, scheduler, 
     agree(err)
     if dist.rank == 0:
         prune(run_dir, keep)
-    dist.barrier()
+    dist.arrive("checkpoint")
     return final
 
 
@@ -234,6 +235,7 @@ def load_latest_sharded(dist, run_dir: str, *, model, optimizer, scheduler, map_
         except CheckpointLoadError as e:
             err = ("corrupt", str(e))
         if (msg := agree(err)) is None:
+            dist.enter("checkpoint load")
             try:
                 if state.get("sharded"):
                     load_dcp(d, model, optimizer)
@@ -245,6 +247,7 @@ def load_latest_sharded(dist, run_dir: str, *, model, optimizer, scheduler, map_
                 err = ("corrupt", str(e))
             except _dcp_errors() as e:  # e.g. a checkpoint of another model: fall back, as one process does
                 err = ("corrupt", f"{d} does not fit the model ({_failure(e)})")
+            dist.arrive("checkpoint load")
             msg = agree(err)
         if msg is not None:
             errors.append(msg)
@@ -272,6 +275,7 @@ def save_final_sharded(dist, trainer, path: str) -> None:
     from dppo.hf.model import load_model
     from dppo.run.export import save_final
 
+    dist.enter("final export (gather)")
     sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                       ignore_frozen_params=True))
     if dist.rank == 0:
@@ -286,4 +290,4 @@ def save_final_sharded(dist, trainer, path: str) -> None:
             raise RuntimeError(f"the gathered weights do not match the model: unexpected {sorted(unexpected)[:5]}, "
                                f"missing {sorted(set(_trained_state(plain)) - set(sd))[:5]}")
         save_final(plain, trainer.tok, path, base_model_path=trainer.model_path)
-    dist.barrier()
+    dist.arrive("final export")  # rank 0 writes alone: --dist_phase_timeout

@@ -21,10 +21,27 @@ which imports nothing of torch.distributed.
   zero loss and gradient), since every FSDP2 forward is a collective;
 * metrics: the loss metrics are pooled across processes by the registry's rules (:meth:`MetricPool.merge`).
 
+**Loading once.** Rank 0 alone reads the model's weights (fp32, on the CPU); every other process builds the same
+model with its parameters on the meta device (:func:`dppo.hf.model.load_skeleton`: no storage), and after sharding
+each process receives its shards from rank 0, one tensor at a time (``set_model_state_dict`` with
+``broadcast_from_rank0``): N processes do not each hold the whole fp32 model.
+
 Each process samples with its own engine copy, refreshed from the sharded policy one gathered tensor at a time
-(``full_tensor()``). Checkpoints are sharded (torch.distributed.checkpoint, :mod:`dppo.run.dist_checkpoint`) and
-resumable under another number of processes, one included; rank 0 alone writes metrics, configuration and the final
-model. A stop request (SIGTERM/SIGINT) is agreed by all processes at each poll, so they all write the same step.
+(``full_tensor()``, in the engine's dtype).
+
+**Phases and failures.** Every process records the phase it is in (model load, warm-up, engine start-up, weight
+sync, rollout, train, evaluation, checkpoint, final export) and the step. A collective waits at most
+``--dist_timeout``; the phases one process works through on its own for long (model load, warm-up, engine start-up,
+rollout generation and scoring, evaluation, checkpoint writes, rank 0's final export) end at :meth:`Distributed.arrive`,
+a barrier on a gloo group of its own with the longer ``--dist_phase_timeout`` (gloo's monitored barrier: rank 0 names
+the processes that did not arrive). A failed collective or barrier ends the job with :class:`ProcessLost`, whose
+message names the process, the phase, the step and how to resume. On CUDA a collective with a dead peer blocks
+rather than fails (NCCL); a watchdog thread then reports the same message and exits with status 7 after
+``--dist_timeout`` without progress, before NCCL's own watchdog (given 60 s more) would abort the process with no
+word of which phase it was in.
+
+Checkpoints are sharded (torch.distributed.checkpoint, :mod:`dppo.run.dist_checkpoint`) and resumable under another
+number of processes, one included; rank 0 alone writes metrics, configuration and the final model. A stop request (SIGTERM/SIGINT) is agreed by all processes at each poll, so they all write the same step.
 """
 
 from __future__ import annotations
@@ -40,7 +57,12 @@ import torch
 from dppo.metrics import MetricPool
 from dppo.run.config import ConfigError, TrainConfig
 
-__all__ = ["Local", "Distributed", "setup", "ProcessLost", "under_torchrun"]
+__all__ = ["Local", "Distributed", "setup", "ProcessLost", "under_torchrun", "LONG_PHASES"]
+
+# the phases a process may work through alone for long: they end at Distributed.arrive (--dist_phase_timeout)
+LONG_PHASES = ("model load", "warm-up", "engine start-up", "rollout", "evaluation", "checkpoint", "checkpoint load",
+               "final export")
+NCCL_GRACE_S = 60.0  # NCCL's own timeout is --dist_timeout + this: dppo's watchdog reports first
 
 
 class ProcessLost(RuntimeError):
@@ -63,11 +85,8 @@ def setup(cfg: TrainConfig):
         yield d
     except RuntimeError as e:  # DistError subclasses it; dppo's own errors subclass it too and pass unchanged
         if isinstance(e, torch.distributed.DistError) or (type(e) is RuntimeError and _is_comm_failure(e)):
-            raise ProcessLost(
-                f"process {d.rank} of {d.world} lost contact with the others ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}): a process died or a collective waited longer than --dist_timeout "
-                f"{cfg.dist_timeout:g} s. The checkpoints in {cfg.out}/checkpoints are intact; run the same command "
-                "again to resume from the newest") from e
+            cause = " ".join(str(e).split())[:300]
+            raise ProcessLost(d.lost_message(f"{type(e).__name__}: {cause}")) from e
         raise
     finally:
         d.close()
@@ -76,7 +95,7 @@ def setup(cfg: TrainConfig):
 def _is_comm_failure(e: BaseException) -> bool:
     text = str(e).lower()
     return any(k in text for k in ("connection closed", "connection reset", "broken pipe", "timed out", "gloo",
-                                   "nccl", "socket"))
+                                   "nccl", "socket", "monitoredbarrier"))
 
 
 class Local:
@@ -91,6 +110,22 @@ class Local:
     def first(self, fn):
         """``fn()``; with several processes rank 0 runs it first (a warm-up filling a cache), the others after."""
         return fn()
+
+    def load_policy(self, path: str, device: str):
+        """``(model, tokenizer)``: the fp32 policy from ``path`` (with several processes: rank 0 reads it, the others
+        get a skeleton on the meta device that :meth:`shard` fills from rank 0)."""
+        from dppo.hf.model import load_model
+
+        return load_model(path, dtype="fp32", device=device)
+
+    def enter(self, phase: str, step: int | None = None) -> None:
+        """Record the phase this process is in (and the 0-based step), for the messages of a failure."""
+
+    def beat(self) -> None:
+        """Progress within a phase (a micro-batch done): the watchdog's clock starts again."""
+
+    def arrive(self, phase: str) -> None:
+        """The end of a long phase: wait (up to --dist_phase_timeout) until every process has finished it."""
 
     def shard(self, model, optim) -> None:
         """Shard ``model`` across the processes (``optim``: the OptimConfig's FSDP precision); nothing here."""
@@ -199,30 +234,100 @@ class Distributed(Local):
             raise ConfigError(f"--prompts_per_step {b} does not split over {self.world} processes (a group of "
                               f"responses never spans processes): use a multiple of {self.world}")
         self.device_type = dev.type
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        self.device = torch.device("cuda", self.local_rank) if dev.type == "cuda" else dev
+        self.phase, self.step = "start-up", None
+        self._deadline: float | None = None  # the watchdog's: monotonic time by which this phase must progress
+        # the processes reach the rendezvous at different times (imports, a GPU's start): the long bound first
+        dist.init_process_group(backend, timeout=datetime.timedelta(
+            seconds=max(cfg.dist_timeout, cfg.dist_phase_timeout)))
+        # the long phases' barriers: gloo (a monitored barrier names who is missing) with their own timeout
+        self._long = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.dist_phase_timeout))
         from torch.distributed.device_mesh import init_device_mesh
 
         self.mesh = init_device_mesh(dev.type, (self.world,))
+        # from here each collective waits --dist_timeout; NCCL, which blocks on a dead peer, 60 s more, so that
+        # dppo's watchdog (which names the phase) reports first
+        grace = NCCL_GRACE_S if dev.type == "cuda" else 0.0
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=cfg.dist_timeout + grace))
         self.root: _Root | None = None
+        self._from_rank0 = False  # load_policy: the weights come from rank 0 at shard()
+        self._watchdog = _Watchdog(self) if dev.type == "cuda" else None
+
+    # -- phases ---------------------------------------------------------------------------------------------------
+    def enter(self, phase: str, step: int | None = None) -> None:
+        import time
+
+        self.phase, self.step = phase, step
+        self._deadline = None if phase in LONG_PHASES else time.monotonic() + self.cfg.dist_timeout
+
+    def beat(self) -> None:
+        import time
+
+        if self._deadline is not None:
+            self._deadline = time.monotonic() + self.cfg.dist_timeout
+
+    def arrive(self, phase: str) -> None:
+        """Every process at the end of ``phase`` (a gloo monitored barrier, --dist_phase_timeout): a process that
+        does not arrive in time is named in the error rank 0 raises; the others fail when rank 0 does."""
+        import time
+
+        import torch.distributed as dist
+
+        self.phase = phase
+        dist.monitored_barrier(group=self._long, timeout=datetime.timedelta(seconds=self.cfg.dist_phase_timeout),
+                               wait_all_ranks=True)
+        self._deadline = time.monotonic() + self.cfg.dist_timeout  # short collectives follow
+
+    def lost_message(self, cause: str) -> str:
+        where = self.phase + (f" of step {self.step + 1}" if self.step is not None else "")
+        return (f"process {self.rank} of {self.world} lost contact with the others during {where} ({cause}): a "
+                f"process died, or waited longer than --dist_timeout {self.cfg.dist_timeout:g} s in a collective "
+                f"(--dist_phase_timeout {self.cfg.dist_phase_timeout:g} s at the end of a long phase). The "
+                f"checkpoints in {self.cfg.out}/checkpoints are intact; run the same command again to resume from "
+                "the newest")
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def first(self, fn):
+        self.enter("warm-up")
         if self.rank == 0:
             out = fn()
-            self.barrier()
+            self.arrive("warm-up")
             return out
-        self.barrier()
+        self.arrive("warm-up")
         return fn()
 
+    def load_policy(self, path: str, device: str):
+        """Rank 0 reads the fp32 weights (on the CPU: :meth:`shard` sends them on one tensor at a time); the other
+        processes build the model with its parameters on the meta device and read no weights."""
+        from dppo.hf.model import load_model, load_skeleton
+
+        self.enter("model load")
+        if self.rank == 0:
+            model, tok = load_model(path, dtype="fp32", device="cpu")
+        else:
+            model, tok = load_skeleton(path)
+        self._from_rank0 = True
+        self.arrive("model load")
+        return model, tok
+
     def shard(self, model, optim) -> None:
-        """FSDP2 on every decoder layer (the model's ``_no_split_modules``) and a root over the rest, after checking
-        that every process loaded the same weights. Gradients are summed across processes, never averaged."""
+        """FSDP2 on every decoder layer (the model's ``_no_split_modules``) and a root over the rest. Gradients are
+        summed across processes, never averaged. A policy from :meth:`load_policy` (rank 0's weights, a meta skeleton
+        elsewhere) gets its shards from rank 0 here; one loaded by every process is checked to be the same."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         from dppo.hf.lora import base_model
-        from dppo.hf.model import DTYPES
+        from dppo.hf.model import DTYPES, has_meta_params, materialize
 
-        self._check_same_weights(model)
+        self.enter("model load")
+        full = None
+        if self._from_rank0:
+            if self.rank == 0:
+                if has_meta_params(model):
+                    raise RuntimeError("rank 0's policy has meta parameters: it must hold the weights it sends")
+                full = model.state_dict()  # the whole fp32 model, kept until the broadcast below
+        else:
+            self._check_same_weights(model)
         gathered = None if optim.fsdp_param_dtype == "fp32" else DTYPES[optim.fsdp_param_dtype]
         mp = MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=DTYPES[optim.fsdp_reduce_dtype])
         names = set(getattr(base_model(model), "_no_split_modules", None) or ())
@@ -233,6 +338,14 @@ class Distributed(Local):
         for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
         self.root = fully_shard(_Root(model), mesh=self.mesh, mp_policy=mp)
+        if self._from_rank0:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            if has_meta_params(model):
+                materialize(model, self.device)  # storage for this process's shards; every one is written below
+            set_model_state_dict(model, full if self.rank == 0 else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            del full
         for m in self.root.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)  # each process's loss already has the whole batch's denominator
@@ -341,6 +454,8 @@ class Distributed(Local):
     def close(self) -> None:
         import torch.distributed as dist
 
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -389,3 +504,41 @@ class _AgreedStop:
     @property
     def signal(self) -> int | None:
         return self.local.signal or self._signal
+
+
+class _Watchdog:
+    """A daemon thread that ends the process with dppo's message (status 7) when a phase of collectives makes no
+    progress for --dist_timeout (no :meth:`Distributed.beat` / :meth:`~Distributed.enter`): on CUDA a collective
+    with a dead peer blocks instead of failing, and NCCL's own watchdog (60 s later) would abort the process without
+    naming the phase. Long phases have no deadline here (their end is a gloo barrier, which fails by itself)."""
+
+    def __init__(self, dist: "Distributed", poll_s: float = 5.0, on_fire=None):
+        import threading
+
+        self.dist, self.poll_s = dist, poll_s
+        self.on_fire = on_fire or _exit_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dppo-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.wait(self.poll_s):
+            deadline = self.dist._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self.on_fire(self.dist.lost_message(f"no progress for {self.dist.cfg.dist_timeout:g} s: a "
+                                                    "collective is waiting for a process that is gone or stuck"))
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _exit_lost(message: str) -> None:
+    import sys
+
+    from dppo.run.cli import EXIT
+
+    print(f"dppo train: {message}", file=sys.stderr, flush=True)
+    os._exit(EXIT["process_lost"])

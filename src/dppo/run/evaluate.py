@@ -40,6 +40,8 @@ def evaluate(engine: RolloutEngine, tok, task: Task, *, max_new_tokens: int, tem
     for key, sp, k in runs:
         per_problem = []  # (index, [correct] × k, [length] × k)
         per = max(1, batch_size // k)
+        if dist is not None:  # [dist] sampling alone: bounded by --dist_phase_timeout, not --dist_timeout
+            dist.enter("evaluation", dist.step)
         for i in range(0, len(mine), per):
             chunk = mine[i: i + per]
             ids, mask = encode_prompts(tok, [exs[j].prompt for j in chunk], chat_template and task.use_chat_template,
@@ -52,6 +54,7 @@ def evaluate(engine: RolloutEngine, tok, task: Task, *, max_new_tokens: int, tem
                 per_problem.append((j, [float(task.correct(exs[j], texts[r])) for r in rows],
                                     [lengths[r] for r in rows]))
         if dist is not None:
+            dist.arrive("evaluation")
             per_problem = sorted(x for part in dist.gather_objects(per_problem) for x in part)
         correct = [c for _, cs, _ in per_problem for c in cs]
         levels = [exs[j].level for j, cs, _ in per_problem for _ in cs]

@@ -8,7 +8,8 @@
   flushed and the run exits with status 75 and a line saying how to resume. A second signal stops at once.
 * **Failures.** A NaN/inf loss or gradient stops the run and keeps the last good checkpoint; a checkpoint write that
   fails stops the run naming the path and the cause (the previous checkpoint stays usable); a reward function that
-  fails stops it naming the prompt and response (or scores it 0 with ``--on_bad_reward zero``).
+  fails stops it naming the prompt and response (or scores it 0 with ``--on_bad_reward zero``); a rollout engine
+  that fails (vLLM's error, a dead worker process) stops it naming the engine and the step, the last checkpoint kept.
 * **Several processes** (``torchrun``, :mod:`dppo.run.distributed`): every process runs this loop; rank 0 alone
   writes the configuration, metrics and final model, the checkpoints are sharded, and a stop request is agreed by
   all processes at each poll. A process that dies ends the others at their next collective (ProcessLost).
@@ -23,7 +24,7 @@ import os
 import signal
 import sys
 
-from dppo.engines.worker import RolloutWorkerError
+from dppo.rollout import RolloutEngineError
 from dppo.run.checkpoint import latest_step
 from dppo.run.config import (RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, rollout_lag,
                              save_config)
@@ -190,9 +191,9 @@ def _steps(cfg: TrainConfig, trainer: Trainer, mlog: MetricsLog, start: int, sto
                 f"{e}: stopping. The last good checkpoint (step {kept if kept is not None else 'none'}) is kept in "
                 f"{cfg.out}/checkpoints; lower --lr, set --grad_clip, or pick a method with a trust region, then start "
                 "again on the same --out to resume from it") from None
-        except RolloutWorkerError as e:
+        except RolloutEngineError as e:
             kept = latest_step(cfg.out)
-            raise RolloutWorkerError(
+            raise type(e)(
                 f"step {step + 1}: {e}\nStopping. The last checkpoint (step {kept if kept is not None else 'none'}) "
                 f"is kept in {cfg.out}/checkpoints; run the same command again to resume from it (the batches in "
                 "flight are sampled again from their seeds)") from None

@@ -35,12 +35,12 @@ from dppo.advantages import group_advantages
 from dppo.engines import make_engine
 from dppo.fused import policy_loss_from_hidden
 from dppo.hf.model import (can_share_prompts, decoder_and_head, enable_gradient_checkpointing, eos_token_ids,
-                           load_model, response_hidden_states, response_stats, training_mode)
+                           load_skeleton, response_hidden_states, response_stats, training_mode)
 from dppo.loss import aggregation_denominator, policy_loss
 from dppo.metrics import MetricPool
-from dppo.rollout import Rollout, SamplingParams, encode_prompts, prompt_seeds
+from dppo.rollout import Rollout, RolloutEngineError, SamplingParams, encode_prompts, prompt_seeds
 from dppo.run.batch import Batch
-from dppo.run.config import ConfigError, TrainConfig, rollout_lag
+from dppo.run.config import ConfigError, TrainConfig, rollout_lag, vllm_sleep_level
 from dppo.run.distributed import Local
 from dppo.run.staleness import WeightHistory
 from dppo.run.validate import resolve_method, validate
@@ -87,8 +87,9 @@ class Trainer:
             from dppo.run.warmup import warm_start_for
 
             self.model_path = self.dist.first(lambda: warm_start_for(cfg, log=log))  # [dist] rank 0 fills the cache
-        # fp32 master weights; --train_dtype bf16 autocasts the forward, --rollout_dtype sets the engine's copy
-        self.model, self.tok = load_model(self.model_path, dtype="fp32", device=cfg.device)
+        # fp32 master weights; --train_dtype bf16 autocasts the forward, --rollout_dtype sets the engine's copy.
+        # [dist] rank 0 reads them; the other processes hold a meta skeleton until shard() broadcasts the shards
+        self.model, self.tok = self.dist.load_policy(self.model_path, cfg.device)
         self.model.eval()  # no dropout: π must be the same function in the rollout and in the loss
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens_hint or 1024
         self.method = resolve_method(cfg, self.max_new_tokens)
@@ -105,7 +106,8 @@ class Trainer:
         self._engine_version: int | None = None  # the w_j the in-process engine holds (None: the current policy)
         vllm_kw = dict(vllm_max_model_len=rc.vllm_max_model_len,
                        vllm_gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
-                       vllm_enforce_eager=rc.vllm_enforce_eager)
+                       vllm_enforce_eager=rc.vllm_enforce_eager, vllm_sleep=vllm_sleep_level(cfg))
+        self.dist.enter("engine start-up")
         if rc.async_rollout:
             from dppo.engines.worker import EngineSpec, EngineWorker
 
@@ -116,12 +118,19 @@ class Trainer:
                 vllm=vllm_kw))
             log(f"async rollout: {self.engine.description}, staleness {rc.async_rollout}")
         else:
-            self.engine = make_engine(rc.engine, self.model, self.model_path, eos_token_id=eos,
-                                      pad_token_id=self.tok.pad_token_id, dtype=rc.dtype, fp32_head=rc.fp32_head,
-                                      # [dist] a sharded policy cannot be sampled with; a lagged engine holds w_{t−k}
-                                      own_copy=self.dist.active or self.lag > 0,
+            # [dist] the HF engine's own copy from a skeleton (no second fp32 copy of the weights; the first sync fills
+            # it), since a sharded policy cannot be sampled with
+            skeleton = load_skeleton(self.model_path)[0] if self.dist.active and rc.engine == "hf" else None
+            self.engine = make_engine(rc.engine, self.model if skeleton is None else skeleton, self.model_path,
+                                      eos_token_id=eos, pad_token_id=self.tok.pad_token_id, dtype=rc.dtype,
+                                      fp32_head=rc.fp32_head,
+                                      # a lagged engine holds w_{t−k}
+                                      own_copy=self.dist.active or self.lag > 0, device=self._device(),
                                       batch_size=rc.batch_size, max_logprobs=self.method.topk, seed=cfg.seed,
                                       **vllm_kw)
+            del skeleton
+            self.engine.sleep()  # vLLM's sleep mode: the GPU memory back for the policy until the first rollout
+        self.dist.arrive("engine start-up")
         self._add_lora()
         self.train_modules = enable_gradient_checkpointing(self.model) if cfg.optim.gradient_checkpointing else []
         if cfg.lora.rank and cfg.lora.dropout > 0:
@@ -204,6 +213,7 @@ class Trainer:
                                group_size=cfg.rollout.group_size)
         correct = torch.tensor([float(self.task.correct(ex, t)) for ex, t in zip(per_response, texts)])
         finished = ro.finished if ro.finished is not None else torch.ones(len(texts), dtype=torch.bool)
+        self.dist.arrive("rollout")  # [dist] every process has sampled and scored its share (--dist_phase_timeout)
         # [dist] the whole batch's rows in prompt order, on every process (this process's rows are a share of them)
         rewards, correct, mask, finished = self.dist.gather_rows(rewards, correct, ro.response_mask, finished)
         (n_bad,) = self.dist.sum(n_bad)
@@ -213,6 +223,7 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
         if self.should_stop():
             raise StepAbandoned
+        self.dist.enter("train", step)
 
         # 3. recompute anchor π_θ′ (MiniRL, *-recompute): one no-grad forward before the first update, timed apart
         t1 = time.perf_counter()
@@ -230,6 +241,7 @@ class Trainer:
         rec = self._record(step, rewards, correct, mask, finished, adv, entropy)
         rec["reward/bad"] = float(n_bad)
         rec["rollout/lag"] = float(step - self.history.version_for(step)) if self.history is not None else 0.0
+        rec["time/sync"] = self._sync_seconds
         if cfg.rollout.async_rollout:
             rec["time/rollout_worker"] = self._worker_seconds
         rec.update({f"loss/{k}": v for k, v in pooled.items()})
@@ -249,17 +261,28 @@ class Trainer:
         of (seed, step, those weights); each prompt's responses of (seed, step, its index)."""
         g = self.cfg.rollout.group_size
         examples, ids, mask, seeds = self._batch_inputs(step)
+        self.dist.enter("weight sync", step)  # [dist] gathers of the sharded policy: collectives
+        t0 = time.perf_counter()
         if self.history is not None:
             self.history.push(step, self.model)  # w_step, before this step's first update ([dist] a collective)
         if self.cfg.rollout.async_rollout:
             pending = self._inflight.pop(step, None) or self._submit(step, ids, mask, seeds)
             if step + 1 < self.cfg.steps:  # sampled by the worker while this step trains: w_{step+1−k} is known now
                 self._inflight[step + 1] = self._submit(step + 1, *self._batch_inputs(step + 1)[1:])
+            self._sync_seconds = time.perf_counter() - t0  # the snapshot; the worker loads it while it samples
+            self.dist.enter("rollout", step)
             ro = self.engine.result(pending, self.cfg.device)
             self._worker_seconds = pending.seconds
         else:
             self._engine_weights(step)
-            ro = self.engine.generate(ids, mask, self.sampling, num_samples=g, seeds=seeds)
+            self._sync_seconds = time.perf_counter() - t0  # [dist] the gather of the sharded policy included
+            self.dist.enter("rollout", step)  # [dist] this process alone, until arrive("rollout") in step()
+            try:
+                ro = self.engine.generate(ids, mask, self.sampling, num_samples=g, seeds=seeds)
+            except Exception as e:  # noqa: BLE001 - any engine failure stops the run, named
+                raise RolloutEngineError(f"the {self.cfg.rollout.engine} rollout engine failed while sampling step "
+                                         f"{step + 1}'s batch: {type(e).__name__}: {e}") from e
+            self.engine.sleep()  # vLLM's sleep mode: KV cache (and weights) released while the policy trains
         per_response = [ex for ex in examples for _ in range(g)]
         return ro, per_response, decode_responses(self.tok, ro)
 
@@ -280,7 +303,7 @@ class Trainer:
             self.engine.sync(self.model)
             return
         v = self.history.version_for(step)
-        if self._engine_version != v:
+        if self._engine_version != v or self.engine.needs_weights:  # a level-2 sleep discarded them
             self.engine.load_weights(self.history.weights(v))
             self._engine_version = v
 
@@ -317,6 +340,7 @@ class Trainer:
                         where = f"{loss.item()}" if not torch.isfinite(loss) else "not finite on another process"
                         raise NonFiniteError(f"loss is {where} at step {step + 1} (mini-batch {k + 1})")
                     loss.backward()
+                    self.dist.beat()  # [dist] progress for the watchdog
                     if not real:  # [dist] a padding piece: zero loss, no metrics
                         continue
                     pool.add(met, n_seqs=b.n_seqs())
@@ -398,6 +422,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         t = time.perf_counter()
         ec = self.cfg.eval
+        self.dist.enter("weight sync", step - 1 if step else None)
         self.engine.sync(self.model)
         self._engine_version = None
         out = evaluate(self.engine, self.tok, self.task, max_new_tokens=self.max_new_tokens,
@@ -405,11 +430,13 @@ class Trainer:
                        seed=seed_of(seed_of(self.cfg.seed, step), "eval"), device=self.cfg.device,
                        chat_template=self.cfg.task.chat_template, max_problems=ec.max_problems,
                        dist=self.dist if self.dist.active else None)  # [dist] each process its share of problems
+        self.engine.sleep()
         out["time/eval"] = time.perf_counter() - t
         return out
 
     def save(self, step: int) -> str:
         # [dist] one process: state.pt (dppo.run.checkpoint); torchrun: sharded (dppo.run.dist_checkpoint)
+        self.dist.enter("checkpoint", step - 1)
         extra = {"model_path": self.model_path}
         if self.history is not None:  # the earlier policies later steps still sample with (--rollout_lag)
             extra["rollout_weights"] = self.history.state(step)

