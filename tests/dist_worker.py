@@ -96,7 +96,9 @@ def run(name: str, out: str, cache: str, dist) -> dict:
 
     real_load, real_full = hm.load_model, DTensor.full_tensor
     hm.load_model = lambda *a, **k: reads.append(a[0]) or real_load(*a, **k)
-    DTensor.full_tensor = lambda self, *a, **k: gathered.append(str(self.dtype)) or real_full(self, *a, **k)
+    # weights only: the gradient norm is a scalar DTensor gathered in fp32 (clip_grad_norm_)
+    DTensor.full_tensor = lambda self, *a, **k: (self.numel() > 1 and gathered.append(str(self.dtype))) or real_full(
+        self, *a, **k)
     try:
         trainer = tr.Trainer(cfg, log=lambda m: None, dist=dist)
         hm.load_model = real_load
