@@ -98,9 +98,9 @@ def test_every_preset_fp64_same_loss_metrics_gradients(name):
     m = PRESETS[name]
     assert met["masked_frac"] > 0 or m.estimator == "none"
     assert met["capped_frac"] > 0 or m.ratio_cap == math.inf
-    assert met["seq_dropped_frac"] > 0 or not m.has_seq_gate
-    assert met["behavior_masked_frac"] > 0 or (m.behavior_low, m.behavior_high) == (0, math.inf)
-    assert met["behavior_capped_frac"] > 0 or m.behavior_cap == math.inf
+    assert met["seq_dropped_frac"] > 0 or not any(g.KIND in ("sequence", "offpolicy") for g in m.gates)
+    assert met["behavior_masked_frac"] > 0 or m.behavior is None or (m.behavior.low, m.behavior.high) == (0, math.inf)
+    assert met["behavior_capped_frac"] > 0 or m.behavior is None or m.behavior.cap == math.inf
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

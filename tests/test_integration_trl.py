@@ -313,8 +313,7 @@ def test_every_preset_loss_and_grad_equal_policy_loss(fixed, name):
     assert logged["dppo/masked_frac"][-1] == pytest.approx(metrics["masked_frac"])
     assert logged["dppo/abs_diff_mean"][-1] == pytest.approx(metrics["abs_diff_mean"], rel=1e-6)
     # the mask acts exactly where a plain recomputation of Eq. 12's condition (Binary-TV) or PPO's (ratio) says so
-    if m.estimator in ("binary_tv", "ratio") and m.mask_sides == "away" and not (m.relax_low_below or
-                                                                                m.relax_high_below):
+    if m.estimator in ("binary_tv", "ratio") and m.mask.sides == "away" and not getattr(m.mask, "relaxed", False):
         mask = batch["completion_mask"].bool()
         lp, lmu = _naive(t.model, batch, t.temperature)[0].detach(), batch["sampling_per_token_logps"].double()
         anchor = old.double() if m.needs_old_logp else lmu

@@ -86,8 +86,10 @@ class Method:
     topk: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.gates, list):
-            object.__setattr__(self, "gates", tuple(self.gates))
+        if isinstance(self.gates, (list, tuple)):  # one order (dppo.parts.GATES'), so equal methods compare equal
+            rank = {kind: i for i, kind in enumerate(GATES)}
+            gates = sorted(self.gates, key=lambda g: rank.get(getattr(g, "KIND", None), -1))
+            object.__setattr__(self, "gates", tuple(gates))
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -270,7 +272,7 @@ PRESETS: dict[str, Method] = {m.name: m for m in (
     # DRPO (arXiv 2606.09821): smooth Binary-TV penalty, no mask, no cap. δ = 0.15 is our choice so
     # the weight reaches 0 exactly on DPPO-Binary-TV's boundary; DRPO's own "12.5" is in another parameterisation.
     Method("drpo", mask=NoMask(), form=DRPO(delta=0.15)),
-    # TRM (arXiv 2512.23075): PG-IS with a sequence mask on the max token Binary-KL; δ = 0.05 mirrors DPPO-KL's δ
+    # TRM (arXiv 2512.23075): PG-IS with a sequence mask on the max token Binary-KL; δ = 0.05 is *ours*, DPPO-KL's δ
     # (TRM reports no single default for the sample-based detector).
     Method("trm", mask=NoMask(), gates=(SequenceMask("binary_kl", delta=0.05),)),
     # --- The field's newer trust regions (issue 13). ---
@@ -293,7 +295,7 @@ PRESETS: dict[str, Method] = {m.name: m for m in (
     # PR nor its scripts set rho_mask_upper_bound for VACO (default 0 = off), and the paper's own LLM rule could
     # not be confirmed (paper not read). Source: open-instruct PR #1755.
     Method("vaco", anchor="recompute", mask=RatioMask(0.2, 0.272), form=PPOClip(),
-           gates=(SequenceMask("binary_tv", 0.2, reduce="mean", policy="old", sides="away"), BehaviorWeight(cap=2.0)),
+           gates=(BehaviorWeight(cap=2.0), SequenceMask("binary_tv", 0.2, reduce="mean", policy="old", sides="away")),
            aggregation="token-mean"),
     # --- The newest trust regions (issue 23). ---
     # KPop (prime-rl PR #3283 kpop_loss_fn at b9ba060; AReaL PR #1405's binary_kl filter): keep a token iff both
@@ -541,11 +543,15 @@ def _build(d: dict, where: str = "") -> Method:
         raise type(e)(f"{e}{where}") from None
 
 
+def _num(key: str, v: object) -> object:
+    """method.json's "inf" (JSON has no infinity) as the float it stands for."""
+    return float(v) if key != "name" and isinstance(v, str) and v in ("inf", "-inf") else v
+
+
 def _with(m: Method, changes: dict[str, object], where: str = "") -> Method:
-    d = {k: (v if k == "name" or not isinstance(v, str) or v not in ("inf", "-inf") else float(v))
-         for k, v in method_to_dict(m).items()}
+    d = {k: _num(k, v) for k, v in method_to_dict(m).items()}
     for k, v in changes.items():
-        _set(d, k, v, where)
+        _set(d, k, _num(k, v), where)
     return _build(d, where)
 
 
@@ -593,7 +599,7 @@ def method_from_spec(spec: str, **changes: object) -> Method:
 def method_from_dict(d: dict[str, object]) -> Method:
     """The Method a ``method.json`` records: :func:`method_to_dict`'s form (any subset of its keys, applied in order
     onto the default Method) or the flat form dppo wrote before issue 23 (``estimator``, ``delta_low``, …)."""
-    d = {k: (float(v) if k != "name" and v in ("inf", "-inf") else v) for k, v in d.items()}
+    d = {k: _num(k, v) for k, v in d.items()}
     if "mask" not in d and "estimator" in d:
         d = _from_flat(d)
     return _with(Method(), d, " in method.json")

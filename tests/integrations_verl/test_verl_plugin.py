@@ -80,8 +80,9 @@ def preset_overrides(name):
     m = dppo.get_method(name)
     out = {"policy_loss.loss_mode": f"dppo/{name}", "clip_ratio_c": m.ratio_cap}
     for side in ("low", "high"):
-        if math.isfinite(getattr(m, f"delta_{side}")):
-            out[f"clip_ratio_{side}"] = getattr(m, f"delta_{side}")
+        d = getattr(m, f"delta_{side}")  # None: no token mask
+        if d is not None and math.isfinite(d):
+            out[f"clip_ratio_{side}"] = d
     return out
 
 
@@ -176,7 +177,7 @@ def test_registered_loss_equals_policy_loss(name, mode, info):
     assert metrics["actor/pg_clipfrac"] == pytest.approx(ref_metrics["masked_frac"])
     m = dppo.get_method(name)  # the batch must exercise what the preset does
     assert ref_metrics["masked_frac"] > 0 or m.estimator == "none"
-    assert ref_metrics["seq_masked_frac"] > 0 or not math.isfinite(m.seq_delta)
+    assert ref_metrics["seq_masked_frac"] > 0 or not any(g.KIND in ("sequence", "offpolicy") for g in m.gates)
     assert ref_metrics["capped_frac"] > 0 or not math.isfinite(m.ratio_cap)
 
 
@@ -189,7 +190,7 @@ def test_rollout_is_weights_scale_each_token(name):
     cfg = actor_config(**preset_overrides(name))
     mu, logp, adv, mask = verl_batch(seed=1)
     w = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
-    if math.isfinite(m.seq_delta):
+    if m.has_seq_gate:
         w = w[:, :1].expand_as(w).clone()
     with pytest.warns(UserWarning, match="decoupled mode"):
         loss, grad, _ = call(get_policy_loss_fn(f"dppo/{name}"), cfg, mu, logp, adv, mask, "token-mean", w)
@@ -198,7 +199,7 @@ def test_rollout_is_weights_scale_each_token(name):
     unit = replace(dverl.method_for(name, cfg, warn=False), aggregation="sum")
     n = mask.sum()
     for b in range(mask.shape[0]):
-        cols = [slice(None)] if math.isfinite(m.seq_delta) else [slice(t, t + 1) for t in range(mask.shape[1])]
+        cols = [slice(None)] if m.has_seq_gate else [slice(t, t + 1) for t in range(mask.shape[1])]
         for c in cols:
             if not mask[b, c].any():
                 continue
