@@ -52,7 +52,7 @@ def reference(name, b, temperature=1.0, chunk_size=None, denominator=None):
                      gather_ids=gids, chunk_size=chunk_size)
     topk = {}
     if m.needs_topk:
-        topk = dict(topk_logp=st.gathered_logp, rollout_topk_logp=b["rollout_topk_logp"],
+        topk = dict(logp_at_rollout_topk=st.gathered_logp, rollout_topk_logp=b["rollout_topk_logp"],
                     sampled_in_topk=(gids == b["response_ids"][..., None]).any(-1))
     loss, met = policy_loss(m, st.logp, b["rollout_logp"], b["advantages"], b["response_mask"], old_logp=b["old_logp"],
                             denominator=denominator, **topk)

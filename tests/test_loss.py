@@ -469,3 +469,20 @@ def test_token_weights_replace_the_aggregation():
     torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="token_weights or denominator"):
         policy_loss("ipo-kl", lp, lmu, adv, mask, token_weights=w, denominator=2.0)
+
+
+def test_deprecated_topk_logp_keyword_still_works_and_warns():
+    """policy_loss(topk_logp=) was log π at the *rollout's* top-K ids, not TokenStats.topk_logp (π's own top-K): the
+    keyword is now logp_at_rollout_topk; the old name warns and gives the same loss."""
+    g = torch.Generator().manual_seed(2)
+    lmu = torch.log(torch.rand(2, 3, generator=g) * 0.5 + 0.2)
+    lp = torch.log(torch.rand(2, 3, generator=g) * 0.5 + 0.2)
+    top_mu, top_pi = torch.log(torch.full((2, 3, 2), 0.1)), torch.log(torch.full((2, 3, 2), 0.12))
+    args = ("dppo-topk-tv", lp, lmu, torch.tensor([1.0, -1.0]), torch.ones(2, 3, dtype=torch.bool))
+    kw = dict(rollout_topk_logp=top_mu, sampled_in_topk=torch.zeros(2, 3, dtype=torch.bool))
+    new = policy_loss(*args, logp_at_rollout_topk=top_pi, **kw)
+    with pytest.warns(DeprecationWarning, match="logp_at_rollout_topk"):
+        old = policy_loss(*args, topk_logp=top_pi, **kw)
+    assert torch.equal(new[0], old[0]) and new[1] == old[1]
+    with pytest.raises(ValueError, match="not also its deprecated name"):
+        policy_loss(*args, topk_logp=top_pi, logp_at_rollout_topk=top_pi, **kw)
