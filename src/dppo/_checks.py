@@ -69,7 +69,8 @@ def check_topk(
     if logp_at_rollout_topk.shape != rollout_topk_logp.shape:
         raise ValueError(
             f"logp_at_rollout_topk has shape {tuple(logp_at_rollout_topk.shape)} but rollout_topk_logp has shape "
-            f"{tuple(rollout_topk_logp.shape)}: both must be [..., K] with the same K (log π and log μ at the same ids)"
+            f"{tuple(rollout_topk_logp.shape)}: both must be [..., K] with the same K (log π and log μ at the same "
+            "ids)"
         )
     if logp_at_rollout_topk.dim() != ref.dim() + 1 or logp_at_rollout_topk.shape[:-1] != ref.shape:
         raise ValueError(
