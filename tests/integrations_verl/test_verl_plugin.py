@@ -89,7 +89,7 @@ def preset_overrides(name):
 def verl_batch(seed=3, b=6, t=7):
     """verl-shaped float64 tensors: [B, T] right-padded response_mask (one empty row), old_log_prob = μ, log_prob a
     leaf, token advantages constant per sequence (GRPO) of both signs. Rows 0, 2, 4 have tokens where π is far from
-    μ (every mask acts there, TRM drops those rows), rows 1, 5 only small moves."""
+    μ (every mask acts there, TRM drops those rows; in row 2, Â < 0, π fell 20-fold), rows 1, 5 only small moves."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.arange(t)[None] < torch.tensor([7, 5, 4, 0, 6, 3])[:b, None]
     p_mu = torch.rand(b, t, generator=g, dtype=torch.float64) * 0.9 + 0.05
@@ -97,6 +97,7 @@ def verl_batch(seed=3, b=6, t=7):
     far[[0, 2, 4]] = torch.arange(t) % 2 == 0
     p_pi = torch.where(far, torch.rand(b, t, generator=g, dtype=torch.float64) * 0.98 + 0.01,
                        p_mu * torch.exp(0.05 * torch.randn(b, t, generator=g, dtype=torch.float64))).clamp(max=0.999)
+    p_pi[2] = torch.where(far[2], p_mu[2] / 20, p_pi[2])  # Â < 0 and mean log(μ/π) > 0.5: the off-policy mask drops it
     adv = torch.tensor([1.0, -0.5, -1.2, 0.8, 0.6, -0.9], dtype=torch.float64)[:b, None].expand(b, t).clone()
     return p_mu.log(), p_pi.log().requires_grad_(), adv, mask
 
