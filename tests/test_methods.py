@@ -278,3 +278,12 @@ def test_flat_names_refuse_what_the_flat_method_refused():
                         ("dppo-binary-tv@kl_coef=-1", "coef = -1 must be > 0")]:
         with pytest.raises(ValueError, match=match):
             method_from_spec(spec)
+
+
+def test_docs_methods_example_runs_and_lists_every_preset():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    env: dict = {}
+    exec(re.search(r"```python\n(.*?)```", doc, re.S).group(1), env)
+    assert env["mine"].cap == 5.0 and env["m"] == replace("dppo-binary-tv", delta_low=0.2, ratio_cap=5.0)
+    for name in PRESETS:
+        assert f"`{name}`" in doc, name
