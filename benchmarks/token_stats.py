@@ -106,7 +106,7 @@ def setup(n: int, dtype_name: str, tile_mb: int | None):
         with torch.no_grad():  # entropy as a metric, the lean way (no graph kept)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         loss, _ = policy_loss(
-            "dppo-topk-tv", logp.view(b, t), rl, adv, mask, topk_logp=topk_logp.view(b, t, K), **topk_kw
+            "dppo-topk-tv", logp.view(b, t), rl, adv, mask, logp_at_rollout_topk=topk_logp.view(b, t, K), **topk_kw
         )
         loss.backward()
         return entropy.mean().item()
@@ -114,7 +114,8 @@ def setup(n: int, dtype_name: str, tile_mb: int | None):
     def stats():
         st = token_stats(hidden, weight, target, gather_ids=topk_ids)  # entropy on: a metric, as in naive
         loss, _ = policy_loss(
-            "dppo-topk-tv", st.logp.view(b, t), rl, adv, mask, topk_logp=st.gathered_logp.view(b, t, K), **topk_kw
+            "dppo-topk-tv", st.logp.view(b, t), rl, adv, mask, logp_at_rollout_topk=st.gathered_logp.view(b, t, K),
+            **topk_kw,
         )
         loss.backward()
         return st.entropy.mean().item()

@@ -114,15 +114,15 @@ def cases(d: dict, big_chunk: int, names: list[str]) -> dict:
         topk_logp = logp_all.gather(-1, ids)
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
-        loss, _ = policy_loss("dppo-topk-tv", logp.view(b, t), rl, adv, mask, topk_logp=topk_logp.view(b, t, K),
-                              **topk_kw)
+        loss, _ = policy_loss("dppo-topk-tv", logp.view(b, t), rl, adv, mask,
+                              logp_at_rollout_topk=topk_logp.view(b, t, K), **topk_kw)
         loss.backward()
         return entropy
 
     def stats():
         st = token_stats(hidden, weight, target, gather_ids=ids)
         loss, _ = policy_loss("dppo-topk-tv", st.logp.view(b, t), rl, adv, mask,
-                              topk_logp=st.gathered_logp.view(b, t, K), **topk_kw)
+                              logp_at_rollout_topk=st.gathered_logp.view(b, t, K), **topk_kw)
         loss.backward()
 
     def topk_dppo(choice, chunk=None):

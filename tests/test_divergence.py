@@ -322,7 +322,7 @@ def test_exact_bf16_logits_same_as_fp32():
         (
             lambda: topk_kl(torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0]), torch.full((1, 3), -2.0),
                             torch.full((1, 3), -2.0), torch.tensor([False, False])),
-            ValueError, "topk_logp has shape",
+            ValueError, "logp_at_rollout_topk has shape",
         ),
         (lambda: exact_tv(torch.zeros(2, 5), torch.zeros(2, 6)), ValueError, "rollout_logits.*shape"),
         (lambda: exact_kl(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5)), TypeError, "logits"),

@@ -52,7 +52,7 @@ def reference(name, b, temperature=1.0, chunk_size=None, denominator=None):
                      gather_ids=gids, chunk_size=chunk_size)
     topk = {}
     if m.needs_topk:
-        topk = dict(topk_logp=st.gathered_logp, rollout_topk_logp=b["rollout_topk_logp"],
+        topk = dict(logp_at_rollout_topk=st.gathered_logp, rollout_topk_logp=b["rollout_topk_logp"],
                     sampled_in_topk=(gids == b["response_ids"][..., None]).any(-1))
     loss, met = policy_loss(m, st.logp, b["rollout_logp"], b["advantages"], b["response_mask"], old_logp=b["old_logp"],
                             denominator=denominator, **topk)
@@ -98,9 +98,9 @@ def test_every_preset_fp64_same_loss_metrics_gradients(name):
     m = PRESETS[name]
     assert met["masked_frac"] > 0 or m.estimator == "none"
     assert met["capped_frac"] > 0 or m.ratio_cap == math.inf
-    assert met["seq_dropped_frac"] > 0 or not m.has_seq_gate
-    assert met["behavior_masked_frac"] > 0 or (m.behavior_low, m.behavior_high) == (0, math.inf)
-    assert met["behavior_capped_frac"] > 0 or m.behavior_cap == math.inf
+    assert met["seq_dropped_frac"] > 0 or not any(g.KIND in ("sequence", "offpolicy") for g in m.gates)
+    assert met["behavior_masked_frac"] > 0 or m.behavior is None or (m.behavior.low, m.behavior.high) == (0, math.inf)
+    assert met["behavior_capped_frac"] > 0 or m.behavior is None or m.behavior.cap == math.inf
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -313,8 +313,7 @@ def test_every_preset_loss_and_grad_equal_policy_loss(fixed, name):
     assert logged["dppo/masked_frac"][-1] == pytest.approx(metrics["masked_frac"])
     assert logged["dppo/abs_diff_mean"][-1] == pytest.approx(metrics["abs_diff_mean"], rel=1e-6)
     # the mask acts exactly where a plain recomputation of Eq. 12's condition (Binary-TV) or PPO's (ratio) says so
-    if m.estimator in ("binary_tv", "ratio") and m.mask_sides == "away" and not (m.relax_low_below or
-                                                                                m.relax_high_below):
+    if m.estimator in ("binary_tv", "ratio") and m.mask.sides == "away" and not getattr(m.mask, "relaxed", False):
         mask = batch["completion_mask"].bool()
         lp, lmu = _naive(t.model, batch, t.temperature)[0].detach(), batch["sampling_per_token_logps"].double()
         anchor = old.double() if m.needs_old_logp else lmu
@@ -445,3 +444,45 @@ def test_example_script_runs(model_dir, tmp_path):
     logs = [h for h in trainer.state.log_history if "dppo/masked_frac" in h]
     assert trainer.state.global_step == 2 and len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert (tmp_path / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _peer_batch(seed=4, b=8, t=6):
+    """[B, T] float64 log π and log μ (some sequences far apart: both clamps of VESPO's w, the off-policy drop), a
+    right-padded mask with one empty row, Â of both signs and 0."""
+    g = torch.Generator().manual_seed(seed)
+    lmu = torch.log(torch.rand(b, t, generator=g, dtype=torch.float64) * 0.8 + 0.1)
+    shift = torch.tensor([0.0, -0.4, 0.5, -2.0, 1.5, -6.0, 0.1, -0.05], dtype=torch.float64)[:b, None]
+    lp = torch.minimum(lmu + shift + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64),
+                       torch.tensor(-1e-4, dtype=torch.float64))
+    lp[5] = lmu[5] - 6.0  # w ≈ e^(−30): below VESPO's 1e-8 clamp
+    mask = torch.arange(t)[None] < torch.tensor([6, 4, 5, 3, 6, 6, 2, 0])[:b, None]
+    adv = torch.tensor([0.7, -1.0, 0.0, -0.5, 1.3, -0.8, 0.4, 1.0], dtype=torch.float64)[:b]
+    return lp, lmu, mask, adv
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_vespo_and_offpolicy_gates_equal_trl_on_the_same_tensors(per_token):
+    """The sequence weights of dppo's vespo (φ(w)) and offpolicy-seq-mask (keep/drop) against TRL's own
+    GRPOTrainer.get_gamma_weights / get_off_policy_mask (trl#5199, trl#4689) on the same tensors, with Â per sequence
+    or per token (TRL broadcasts a [B, T] Â per token, as dppo does)."""
+    from dppo.token_loss import sequence_gate, token_context
+
+    lp, lmu, mask, adv = _peer_batch()
+    adv_in = adv[:, None].expand_as(lp).clone() if per_token else adv
+    if per_token:
+        adv_in[:, 1] = -adv_in[:, 1]  # a sign change inside sequences
+    adv_trl = adv_in if per_token else adv[:, None]
+    for name, theirs in [
+        ("vespo", GRPOTrainer.get_gamma_weights(adv_trl, lp - lmu, mask.double(), None, 2.0, 3.0, 3.0, 2.0)),
+        ("offpolicy-seq-mask", GRPOTrainer.get_off_policy_mask(adv_trl, lp, lmu, mask.double(), 0.5)),
+    ]:
+        m = dppo.PRESETS[name]
+        ctx = token_context(m, lmu, adv_in, None, None, None, torch.float64)
+        ours, _ = sequence_gate(m, lp, ctx, None, mask)
+        theirs = theirs.expand_as(ours)
+        torch.testing.assert_close(ours[mask], theirs[mask].to(ours.dtype), rtol=1e-12, atol=0, msg=name)
+        if name == "offpolicy-seq-mask":  # the batch holds dropped and kept tokens
+            assert (theirs[mask] == 0).any() and (theirs[mask] == 1).any()
+        else:  # and φ across its range: w clamped at 1e-8 (φ ≈ 0) and w ≈ 1 (φ ≈ 1)
+            assert theirs[mask].min() < 1e-6 and theirs[mask].max() > 0.5

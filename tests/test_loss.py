@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import warnings
@@ -11,8 +10,10 @@ import pytest
 import torch
 
 from dppo import PRESETS, Method, policy_loss
-from dppo.loss import METRIC_KEYS, aggregate, aggregation_denominator, aggregation_weights, token_context
-from dppo.token_loss import sequence_gate, token_loss
+from dppo.aggregation import aggregate, aggregation_denominator, aggregation_weights
+from dppo.loss import METRIC_KEYS
+from dppo.methods import replace
+from dppo.token_loss import sequence_gate, token_context, token_loss
 
 ANCHORS = [0.05, 0.3, 0.6, 0.95]
 PIS = [0.001, 0.02, 0.1, 0.25, 0.29, 0.31, 0.5, 0.59, 0.61, 0.8, 0.94, 0.96, 0.999]
@@ -55,8 +56,8 @@ def ref_blocked(m: Method, pi_a: float, anchor_a: float, adv: float) -> bool:
         return False
     if m.estimator == "ratio":
         r = pi_a / anchor_a
-        pos = adv > 0 and r > 1 + m.delta_high and anchor_a >= m.relax_high_below
-        neg = adv < 0 and r < 1 - m.delta_low and anchor_a >= m.relax_low_below
+        pos = adv > 0 and r > 1 + m.delta_high and anchor_a >= m.mask.relax_high_below
+        neg = adv < 0 and r < 1 - m.delta_low and anchor_a >= m.mask.relax_low_below
         return pos or neg
     d = ref_divergence(m.estimator, pi_a, anchor_a)
     return (adv > 0 and pi_a > anchor_a and d > m.delta_high) or (adv < 0 and pi_a < anchor_a and d > m.delta_low)
@@ -66,7 +67,7 @@ def ref_grad(m: Method, pi_a: float, mu_a: float, anchor_a: float, adv: float) -
     """∂ℓ/∂log π for one token under 'sum' aggregation."""
     if m.loss_form == "drpo":
         r = pi_a / anchor_a
-        return -adv * r + abs(adv) * anchor_a * (r - 1) * r / m.drpo_delta
+        return -adv * r + abs(adv) * anchor_a * (r - 1) * r / m.form.delta
     if ref_blocked(m, pi_a, anchor_a, adv):
         return 0.0
     return -adv * min(pi_a / mu_a, m.ratio_cap)  # Eq. 23
@@ -106,19 +107,21 @@ def _grid_batch(m: Method):
         mu_full = torch.tensor([full_dist(a) for a in anchor.tolist()], dtype=torch.float64)
         pi_full = torch.tensor([full_dist(p) for p in pi.tolist()], dtype=torch.float64)
         top = mu_full.topk(K, dim=-1).indices
-        kw["topk_logp"] = pi_full.gather(-1, top).log().float()[:, None, :]
+        kw["logp_at_rollout_topk"] = pi_full.gather(-1, top).log().float()[:, None, :]
         kw["rollout_topk_logp"] = mu_full.gather(-1, top).log().float()[:, None, :]
         kw["sampled_in_topk"] = (top == 0).any(-1)[:, None]
     return rows, pi, mu, adv, kw
 
 
-# IPO, IcePop and VACO have their own references, written from their sources, in test_new_presets.py.
-EQ23_PRESETS = [n for n in PRESETS if n not in ("ipo", "ipo-kl", "icepop", "vaco")]
+# IPO, IcePop, VACO and the four of issue 23 have their own references, written from their sources, in
+# test_new_presets.py.
+OWN_REFERENCE = ("ipo", "ipo-kl", "icepop", "vaco", "kpop", "vespo", "offpolicy-seq-mask", "dro")
+EQ23_PRESETS = [n for n in PRESETS if n not in OWN_REFERENCE]
 
 
 @pytest.mark.parametrize("name", EQ23_PRESETS)
 def test_every_preset_every_cell_matches_reference(name):
-    m = dataclasses.replace(PRESETS[name], aggregation="sum", seq_delta=math.inf)
+    m = replace(PRESETS[name], aggregation="sum", seq_delta=math.inf)
     rows, pi, mu, adv, kw = _grid_batch(m)
     lp = pi.log().float()[:, None].requires_grad_(True)
     loss, _ = policy_loss(m, lp, mu.log().float()[:, None], adv, torch.ones_like(lp, dtype=torch.bool), **kw)
@@ -151,7 +154,7 @@ def test_grpo_ppo_clip_form_and_eq23_form_same_gradient():
     for cap in (math.inf, 1.5):
         grads = []
         for form in ("ppo_clip", "is"):
-            m = dataclasses.replace(PRESETS["grpo-clip-higher"], loss_form=form, ratio_cap=cap)
+            m = replace(PRESETS["grpo-clip-higher"], loss_form=form, ratio_cap=cap)
             lp = lp0.clone().requires_grad_(True)
             loss, met = policy_loss(m, lp, lmu, adv, mask)
             loss.backward()
@@ -162,7 +165,7 @@ def test_grpo_ppo_clip_form_and_eq23_form_same_gradient():
 
 def test_drpo_weight_zero_at_dppo_boundary():
     """DRPO's gradient weight 1 − sign(Â(r−1))·|π−μ|/δ vanishes where DPPO-Binary-TV's mask switches (δ = 0.15)."""
-    m = dataclasses.replace(PRESETS["drpo"], aggregation="sum")
+    m = replace(PRESETS["drpo"], aggregation="sum")
     lmu = torch.tensor([[math.log(0.5)]])
     lp = torch.tensor([[math.log(0.65)]], requires_grad=True)
     loss, _ = policy_loss(m, lp, lmu, torch.tensor([1.0]), torch.ones(1, 1))
@@ -171,7 +174,7 @@ def test_drpo_weight_zero_at_dppo_boundary():
 
 
 def test_trm_drops_whole_sequences():
-    m = dataclasses.replace(PRESETS["trm"], aggregation="sum")
+    m = replace(PRESETS["trm"], aggregation="sum")
     lmu = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
     lp = torch.log(torch.tensor([[0.52, 0.48, 0.9], [0.52, 0.48, 0.51]])).requires_grad_(True)
     loss, met = policy_loss(m, lp, lmu, torch.tensor([1.0, -1.0]), torch.ones(2, 3))
@@ -222,7 +225,7 @@ def test_token_loss_is_elementwise(name):
     resp = torch.ones(B, T, dtype=torch.bool)
     ctx = token_context(m, lmu, torch.randn(B, generator=g, dtype=torch.float64), old, top_mu,
                         torch.zeros(B, T, dtype=torch.bool), torch.float64)
-    ctx = ctx._replace(topk_logp=(top_mu + 0.2).float())
+    ctx = ctx._replace(logp_at_rollout_topk=(top_mu + 0.2).float())
     ctx = ctx._replace(seq_keep=sequence_gate(m, lp, ctx, old, resp)[0])
     x = lp.clone().requires_grad_(True)
     full = token_loss(m, x, ctx).loss
@@ -258,7 +261,7 @@ def test_micro_batches_with_the_minibatch_denominator_sum_to_the_minibatch_gradi
     old |micro|/|mini| weighting of each micro-batch's own mean is not, for the two means (checked too)."""
     g = torch.Generator().manual_seed(3)
     B, T, K = 8, 7, 4
-    method = dataclasses.replace(PRESETS[preset], aggregation=aggregation)
+    method = replace(PRESETS[preset], aggregation=aggregation)
     lmu = torch.log(torch.rand(B, T, generator=g, dtype=torch.float64) * 0.9 + 0.05)
     lp0 = lmu + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
     lp0 = torch.minimum(lp0, torch.full_like(lp0, -1e-3))
@@ -268,7 +271,7 @@ def test_micro_batches_with_the_minibatch_denominator_sum_to_the_minibatch_gradi
     topk = {}
     if method.estimator.startswith("topk"):
         top_mu = torch.log(torch.rand(B, T, K, generator=g, dtype=torch.float64) * 0.05 + 0.01)
-        topk = dict(topk_logp=top_mu + 0.1 * torch.randn(B, T, K, generator=g, dtype=torch.float64),
+        topk = dict(logp_at_rollout_topk=top_mu + 0.1 * torch.randn(B, T, K, generator=g, dtype=torch.float64),
                     rollout_topk_logp=top_mu, sampled_in_topk=torch.zeros(B, T, dtype=torch.bool))
 
     if method.needs_old_logp:
@@ -324,7 +327,7 @@ def test_metrics_by_hand():
     assert met["capped_frac"] == 0.0 and met["seq_masked_frac"] == 0.0
     # loss: only token 3 kept, −Â·r = −1.1, seq-mean-token-sum-norm over B·T = 4
     assert met["loss"] == pytest.approx(-1.1 / 4, rel=1e-5)
-    _, met = policy_loss(dataclasses.replace(PRESETS["cispo"], ratio_cap=1.5), lp, lmu, adv, resp)
+    _, met = policy_loss(replace(PRESETS["cispo"], ratio_cap=1.5), lp, lmu, adv, resp)
     assert met["capped_frac"] == pytest.approx(1 / 3)
 
 
@@ -344,7 +347,7 @@ def test_gradcheck_float64_differentiable_forms(name):
     """The PPO-clip form (C = ∞, rollout anchor) and DRPO have no stop-gradient: autograd must match finite
     differences of the loss value itself."""
     lp, lmu, adv, mask = _gc_batch()
-    m = dataclasses.replace(PRESETS[name], aggregation="token-mean")
+    m = replace(PRESETS[name], aggregation="token-mean")
     f = lambda x: policy_loss(m, x, lmu, adv, mask)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(True),), eps=1e-7, atol=1e-7)
 
@@ -354,7 +357,7 @@ def test_is_form_gradient_is_that_of_the_masked_surrogate(name):
     """Eq. 23 with C = ∞ is the gradient of the masked surrogate Σ M·r·Â (Eq. 12) with M held fixed: autograd of
     policy_loss vs central finite differences of that surrogate, float64."""
     lp, lmu, adv, mask = _gc_batch()
-    m = dataclasses.replace(PRESETS[name], aggregation="token-mean")
+    m = replace(PRESETS[name], aggregation="token-mean")
     x = lp.clone().requires_grad_(True)
     policy_loss(m, x, lmu, adv, mask)[0].backward()
     # M from the same rule, independently: the reference of this file
@@ -429,13 +432,13 @@ def _ok():
         (dict(logp=torch.full((2, 3, 1), -1.0)), "pg-is", ValueError, r"logp must be \[B, T\]"),
         (dict(logp=torch.zeros(0, 3), rollout_logp=torch.zeros(0, 3), advantages=torch.ones(0),
               response_mask=torch.ones(0, 3)), "pg-is", ValueError, "empty batch"),
-        ({}, "dppo-topk-tv", ValueError, "needs topk_logp, rollout_topk_logp and sampled_in_topk"),
+        ({}, "dppo-topk-tv", ValueError, "needs logp_at_rollout_topk, rollout_topk_logp and sampled_in_topk"),
         ({}, "minirl", ValueError, "needs old_logp"),
         (dict(old_logp=torch.full((2, 2), -1.0)), "minirl", ValueError, "old_logp has shape"),
         ({}, "no-such-method", ValueError, "unknown method 'no-such-method'; choose one of"),
-        (dict(topk_logp=torch.full((2, 3, 4), -2.0), rollout_topk_logp=torch.full((2, 3, 5), -2.0),
+        (dict(logp_at_rollout_topk=torch.full((2, 3, 4), -2.0), rollout_topk_logp=torch.full((2, 3, 5), -2.0),
               sampled_in_topk=torch.zeros(2, 3, dtype=torch.bool)), "dppo-topk-tv", ValueError, "same K"),
-        (dict(topk_logp=torch.full((2, 3, 4), -2.0)), "pg-is", ValueError, "pass all three"),
+        (dict(logp_at_rollout_topk=torch.full((2, 3, 4), -2.0)), "pg-is", ValueError, "pass all three"),
     ],
 )
 def test_bad_input(change, method, exc, match):
@@ -457,7 +460,7 @@ def test_token_weights_replace_the_aggregation():
     mask[1, 2:] = False
     w = torch.rand(3, 4, generator=g, dtype=torch.float64)
     loss, _ = policy_loss("ipo-kl", lp, lmu, adv, mask, token_weights=w)
-    unit = dataclasses.replace(PRESETS["ipo-kl"], aggregation="sum")
+    unit = replace(PRESETS["ipo-kl"], aggregation="sum")
     want = sum(w[b, t] * policy_loss(unit, lp[b:b + 1, t:t + 1], lmu[b:b + 1, t:t + 1], adv[b:b + 1],
                                      mask[b:b + 1, t:t + 1])[0] for b in range(3) for t in range(4) if mask[b, t])
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
@@ -466,3 +469,20 @@ def test_token_weights_replace_the_aggregation():
     torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="token_weights or denominator"):
         policy_loss("ipo-kl", lp, lmu, adv, mask, token_weights=w, denominator=2.0)
+
+
+def test_deprecated_topk_logp_keyword_still_works_and_warns():
+    """policy_loss(topk_logp=) was log π at the *rollout's* top-K ids, not TokenStats.topk_logp (π's own top-K): the
+    keyword is now logp_at_rollout_topk; the old name warns and gives the same loss."""
+    g = torch.Generator().manual_seed(2)
+    lmu = torch.log(torch.rand(2, 3, generator=g) * 0.5 + 0.2)
+    lp = torch.log(torch.rand(2, 3, generator=g) * 0.5 + 0.2)
+    top_mu, top_pi = torch.log(torch.full((2, 3, 2), 0.1)), torch.log(torch.full((2, 3, 2), 0.12))
+    args = ("dppo-topk-tv", lp, lmu, torch.tensor([1.0, -1.0]), torch.ones(2, 3, dtype=torch.bool))
+    kw = dict(rollout_topk_logp=top_mu, sampled_in_topk=torch.zeros(2, 3, dtype=torch.bool))
+    new = policy_loss(*args, logp_at_rollout_topk=top_pi, **kw)
+    with pytest.warns(DeprecationWarning, match="logp_at_rollout_topk"):
+        old = policy_loss(*args, topk_logp=top_pi, **kw)
+    assert torch.equal(new[0], old[0]) and new[1] == old[1]
+    with pytest.raises(ValueError, match="not also its deprecated name"):
+        policy_loss(*args, topk_logp=top_pi, logp_at_rollout_topk=top_pi, **kw)

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from dppo.methods import method_from_dict, replace
 from dppo.run.cli import parse_config
 from dppo.run.config import ConfigError, TrainConfig, config_dict, flat_names, make_config
 from dppo.run.metrics_log import read_metrics
@@ -59,7 +60,8 @@ def test_smoke_run(tmp_path, cache_dir):
     saved = json.loads((out / "config.json").read_text())
     assert saved["method"]["name"] == "dppo-binary-tv" and saved["seed"] == 0
     method = json.loads((out / "method.json").read_text())
-    assert method["estimator"] == "binary_tv" and method["delta_low"] == 0.15 and method["max_len_norm"] == 4
+    assert method["mask.estimator"] == "binary_tv" and method["mask.delta_low"] == 0.15 and method["max_len_norm"] == 4
+    assert method_from_dict(method) == replace("dppo-binary-tv", max_len_norm=4)  # every field, readable back
     assert os.path.isfile(out / "checkpoints" / "step-00000003" / "state.pt")
     assert os.path.isfile(out / "checkpoints" / "step-00000002" / "state.pt")  # the newest two are kept
     assert os.path.isfile(out / "curves.png")

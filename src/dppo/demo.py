@@ -69,7 +69,8 @@ def _presets_table() -> str:
     for name in PRESETS:
         lp = b["lpi"].clone().requires_grad_(True)
         loss, met = policy_loss(name, lp, b["lmu"], b["adv"], b["mask"], old_logp=b["old"],
-                                topk_logp=b["top_lpi"], rollout_topk_logp=b["top_lmu"], sampled_in_topk=b["in_top"])
+                                logp_at_rollout_topk=b["top_lpi"], rollout_topk_logp=b["top_lmu"],
+                                sampled_in_topk=b["in_top"])
         loss.backward()
         assert torch.isfinite(lp.grad).all()
         out.append(f"{name:<26}{met['loss']:>9.4f}{met['masked_frac']:>8.3f}{met['masked_frac_pos']:>8.3f}"

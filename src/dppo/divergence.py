@@ -134,7 +134,8 @@ def binary_kl(logp: Tensor, rollout_logp: Tensor) -> Tensor:
 
 
 def _topk_cells(
-    logp: Tensor, rollout_logp: Tensor, topk_logp: Tensor, rollout_topk_logp: Tensor, sampled_in_topk: Tensor
+    logp: Tensor, rollout_logp: Tensor, logp_at_rollout_topk: Tensor, rollout_topk_logp: Tensor,
+    sampled_in_topk: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Log-masses of the reduced space A″ = TopK_μ ∪ {a_t} ∪ {other} (§4.4), as [..., K+2] for μ and for π.
 
@@ -145,12 +146,12 @@ def _topk_cells(
     check_logp("logp", logp)
     check_logp("rollout_logp", rollout_logp)
     check_same_shape("logp", logp, rollout_logp=rollout_logp)
-    check_topk("logp", logp, topk_logp, rollout_topk_logp, sampled_in_topk)
+    check_topk("logp", logp, logp_at_rollout_topk, rollout_topk_logp, sampled_in_topk)
     neg_inf = torch.tensor(float("-inf"), device=logp.device)
     # "other" is 1 − a sum of K+1 masses: fp32 leaves up to ~(K+1)·1.2e-7 of rounding in it, which the KL floor turns
     # into up to ~1e-6·(K+1) of spurious KL. fp64 inputs keep fp64 here, so that noise is gone where the caller has
     # the precision (the property tests); the returned estimates are fp32 either way.
-    work = torch.float64 if torch.float64 in (logp.dtype, rollout_logp.dtype, topk_logp.dtype,
+    work = torch.float64 if torch.float64 in (logp.dtype, rollout_logp.dtype, logp_at_rollout_topk.dtype,
                                                rollout_topk_logp.dtype) else torch.float32
 
     def cells(lp_sampled: Tensor, lp_topk: Tensor) -> Tensor:
@@ -159,34 +160,37 @@ def _topk_cells(
         log_listed_mass = torch.logsumexp(listed, dim=-1).clamp(max=0.0)
         return torch.cat([listed, log1mexp(log_listed_mass).unsqueeze(-1)], dim=-1)
 
-    return cells(rollout_logp, rollout_topk_logp), cells(logp, topk_logp)
+    return cells(rollout_logp, rollout_topk_logp), cells(logp, logp_at_rollout_topk)
 
 
 def topk_tv(
-    logp: Tensor, rollout_logp: Tensor, topk_logp: Tensor, rollout_topk_logp: Tensor, sampled_in_topk: Tensor
+    logp: Tensor, rollout_logp: Tensor, logp_at_rollout_topk: Tensor, rollout_topk_logp: Tensor,
+    sampled_in_topk: Tensor,
 ) -> Tensor:
     """Top-K TV (Eq. 15): ½ Σ_{a ∈ A″} |μ̃(a) − π̃(a)| over A″ = TopK(μ, K) ∪ {a_t} ∪ {other}.
 
     Args:
         logp: [...] log π(a_t|s_t); rollout_logp: [...] log μ(a_t|s_t).
-        topk_logp: [..., K] log π at the rollout's top-K ids; rollout_topk_logp: [..., K] log μ at the same ids.
+        logp_at_rollout_topk: [..., K] log π at the rollout's top-K ids; rollout_topk_logp: [..., K] log μ at the
+            same ids.
         sampled_in_topk: [...] bool, True where a_t is among those ids (it is then not counted a second time).
     Returns:
         [...] float32 in [0, 1]; binary_tv ≤ topk_tv ≤ exact_tv (App. B).
     """
-    mu, pi = _topk_cells(logp, rollout_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
+    mu, pi = _topk_cells(logp, rollout_logp, logp_at_rollout_topk, rollout_topk_logp, sampled_in_topk)
     return (0.5 * _abs_prob_diff(pi, mu).sum(dim=-1)).float()
 
 
 def topk_kl(
-    logp: Tensor, rollout_logp: Tensor, topk_logp: Tensor, rollout_topk_logp: Tensor, sampled_in_topk: Tensor
+    logp: Tensor, rollout_logp: Tensor, logp_at_rollout_topk: Tensor, rollout_topk_logp: Tensor,
+    sampled_in_topk: Tensor,
 ) -> Tensor:
     """Top-K KL (Eq. 16): Σ_{a ∈ A″} μ̃(a) log(μ̃(a)/π̃(a)), same cells and arguments as :func:`topk_tv`.
 
     Returns:
         [...] float32, ≥ 0; binary_kl ≤ topk_kl ≤ exact_kl (App. B, log-sum inequality).
     """
-    mu, pi = _topk_cells(logp, rollout_logp, topk_logp, rollout_topk_logp, sampled_in_topk)
+    mu, pi = _topk_cells(logp, rollout_logp, logp_at_rollout_topk, rollout_topk_logp, sampled_in_topk)
     listed = _kl_term(mu[..., :-1], pi[..., :-1], floor=False).sum(dim=-1)
     return (listed + _kl_term(mu[..., -1], pi[..., -1])).clamp(min=0.0).float()
 

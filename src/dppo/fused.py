@@ -1,7 +1,7 @@
 """The policy loss straight from the final hidden states: statistics, loss, metrics and ∂/∂(h, W, b) in one tiled pass.
 
 For every method whose gate is known before the update (all presets but TRM), the loss is a sum of per-token terms
-(:mod:`dppo.token_loss`, :func:`dppo.loss.aggregation_weights`),
+(:mod:`dppo.token_loss`, :func:`dppo.aggregation.aggregation_weights`),
 
     L = Σ_t w_t · ℓ_t(x_t),   x_t = log π_θ(a_t) = z_t[a_t] − logsumexp(z_t),   z_t = (h_t·Wᵀ + b) / τ,
 
@@ -28,7 +28,8 @@ one read of the tile as the GEMM wrote it for log-sum-exp, x_t, the top-K log-pr
 write for dz, in place, in the GEMM dtype); elsewhere, or with ``DPPO_TILE_KERNEL=torch``, the PyTorch tile path
 (:func:`dppo._tiles._tile_stats`), which is the fallback and the reference.
 
-Methods with a sequence gate on the *current* policy (TRM: max over the sequence of D(μ‖π_θ)) cannot know c_t
+Methods with a sequence gate on the *current* policy (TRM: max over the sequence of D(μ‖π_θ); VESPO's φ(w); the
+off-policy sequence mask's mean log(μ/π_θ)) cannot know c_t
 before the whole sequence's x is known; for them the entry point falls back to ``token_stats`` + ``policy_loss``
 (a second pass over the logits in the backward), which gives the same loss, metrics and gradients.
 """
@@ -38,13 +39,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dppo._checks import check_policy_batch
 from dppo._tiles import _acc_dtype, _check_common, _check_head, _check_ids, _tile_stats, _Workspace, default_chunk_size
 from dppo._triton_tiles import tile_dz_, tile_stats, use_triton
-from dppo.loss import (
-    _check_denominator, _validate, aggregation_weights, loss_metrics, policy_loss, token_context,
-)
+from dppo.aggregation import aggregation_weights, check_denominator
+from dppo.loss import policy_loss
 from dppo.methods import Method, get_method
-from dppo.token_loss import TokenContext, sequence_gate, token_loss
+from dppo.metrics import loss_metrics
+from dppo.token_loss import TokenContext, sequence_gate, token_context, token_loss
 from dppo.token_stats import token_stats
 
 __all__ = ["policy_loss_from_hidden"]
@@ -120,7 +122,7 @@ class _FusedLoss(torch.autograd.Function):
                 continue
             rows_tc = TokenContext(*(f[s0:s1] if f is not None else None for f in tc))
             if g is not None:
-                rows_tc = rows_tc._replace(topk_logp=gt.float())
+                rows_tc = rows_tc._replace(logp_at_rollout_topk=gt.float())
             coef = _slopes(m, xt, rows_tc, w[s0:s1]) / tau
             if tri:  # dz in the GEMM dtype, in place of the logits
                 dzl = tile_dz_(z, tau, tgt[s0:s1], lse, coef)
@@ -149,7 +151,7 @@ class _FusedLoss(torch.autograd.Function):
         if gids is not None:
             topk = full.rollout_topk_logp.clone()
             topk.view(-1, topk.shape[-1])[slice(None) if plan.rows is None else plan.rows] = gath.float()
-            full = full._replace(topk_logp=topk)
+            full = full._replace(logp_at_rollout_topk=topk)
         terms = token_loss(m, lp, full)
         loss = (terms.loss * plan.w).sum()
         plan.ctx, plan.lp, plan.terms, plan.entropy = full, lp, terms, ent
@@ -206,10 +208,11 @@ def policy_loss_from_hidden(
         st = token_stats(hidden, weight, response_ids, bias=bias, temperature=temperature,
                          gather_ids=rollout_topk_ids if method.needs_topk else None)
         policy_loss(method, st.logp, rollout_logp, advantages, response_mask, old_logp=old_logp,
-                    topk_logp=st.gathered_logp, rollout_topk_logp=rollout_topk_logp,
+                    logp_at_rollout_topk=st.gathered_logp, rollout_topk_logp=rollout_topk_logp,
                     sampled_in_topk=(rollout_topk_ids == response_ids[..., None]).any(-1), denominator=denominator)
 
-    in 3 GEMMs of N·V·H instead of 4 (module docstring); methods with ``single_pass`` False (TRM) run exactly that.
+    in 3 GEMMs of N·V·H instead of 4 (module docstring); methods with ``single_pass`` False (TRM, VESPO,
+    offpolicy-seq-mask) run exactly that.
 
     Args:
         method: a :class:`dppo.Method` or a preset name.
@@ -252,17 +255,18 @@ def policy_loss_from_hidden(
         k = rollout_topk_ids.shape[-1] if isinstance(rollout_topk_ids, Tensor) else -1
         gids = _check_ids("rollout_topk_ids", rollout_topk_ids, (b_, t_, k), v, hidden.device)
         sampled_in = (gids == tgt[..., None]).any(-1)
-    _validate(m, rollout_logp, rollout_logp, advantages, response_mask, old_logp,
-              rollout_topk_logp if m.needs_topk else None, rollout_topk_logp if m.needs_topk else None, sampled_in,
-              ref="rollout_logp")
-    _check_denominator(denominator)
+    check_policy_batch(m, rollout_logp, rollout_logp, advantages, response_mask, old_logp,
+                       rollout_topk_logp if m.needs_topk else None, rollout_topk_logp if m.needs_topk else None,
+                       sampled_in, ref="rollout_logp")
+    check_denominator(denominator)
     resp = response_mask.bool()
 
     if not m.single_pass:  # a gate on the current policy's whole sequence: two passes (module docstring)
         st = token_stats(hidden, weight, tgt, bias=bias, temperature=temperature, gather_ids=gids, entropy=entropy,
                          chunk_size=chunk_size)
         loss, met = policy_loss(m, st.logp, rollout_logp, advantages, response_mask, old_logp=old_logp,
-                                topk_logp=st.gathered_logp, rollout_topk_logp=rollout_topk_logp if gids is not None
+                                logp_at_rollout_topk=st.gathered_logp,
+                                rollout_topk_logp=rollout_topk_logp if gids is not None
                                 else None, sampled_in_topk=sampled_in, denominator=denominator)
         if entropy:
             met["entropy"] = _mean(st.entropy.detach(), resp)

@@ -1,370 +1,623 @@
-"""A policy-loss method is data: estimator + anchor + thresholds + cap + aggregation (+ loss form, gates, penalty).
+"""A policy-loss method is data: typed parts (:mod:`dppo.parts`) composed, plus the presets that name them.
 
 Every method of the paper reduces to the unified gradient of Eq. 23 (App. C.1),
 
     ∇L(θ) = E_{y∼μ}[ Σ_t M_t · min(π_θ(y_t)/μ_θ′(y_t), C) · Â_t · ∇_θ log π_θ(y_t) ],
 
-differing only in the mask M_t (which estimator, against which anchor, which thresholds) and the cap C. DRPO swaps the
-hard mask for a smooth penalty (``loss_form="drpo"``); TRM adds a sequence-level mask (``seq_delta``). The newer
-trust regions beside DPPO are the same data with a few more fields: IPO masks both directions (``mask_sides="any"``)
-and adds a squared-log-ratio penalty (``kl_coef``); IcePop and VACO weight the PPO-clip loss on π/π_θ′ by the
-behaviour ratio π_θ′/μ, banded (``behavior_low/high``) or capped (``behavior_cap``), and VACO gates tokens by the
-sequence's mean behaviour divergence (``seq_reduce="mean"``, ``seq_policy="old"``, ``seq_sides="away"``).
+differing only in the mask M_t (which estimate, against which anchor, which thresholds) and the cap C; the field's
+newer trust regions swap in other parts (a loss form, gates, a penalty). So a :class:`Method` is
 
-Two named settings of the paper: presets without a suffix carry the §5.1 sanity-test values (App. C), ``-scaling``
-presets the §7 scaling-run values (App. E/F; C = 5 throughout).
+    Method(name, anchor, mask=NoMask | RatioMask | DivergenceMask, cap=C, form=IS | PPOClip | DRPO | PG,
+           gates=(BehaviorWeight | SequenceMask | OffPolicySequenceMask | GammaWeight, …), penalty=LogRatioPenalty,
+           aggregation, max_len_norm, topk)
 
-Customise a preset with :func:`dataclasses.replace`::
+    e.g. Method("mine", mask=DivergenceMask("binary_kl", delta_low=0.05, delta_high=0.05), cap=5.0)
 
-    m = dataclasses.replace(PRESETS["dppo-binary-tv"], delta_low=0.2, delta_high=0.2, ratio_cap=5.0)
+and a combination that makes no sense (a PPO-clip form on a divergence mask, a behaviour weight without the
+recomputed π_θ′, …) is refused when it is built, with a message that names the parts.
+
+Presets without a suffix carry the paper's §5.1 sanity-test values (App. C), ``-scaling`` presets the §7 scaling-run
+values (App. E/F; C = 5 throughout); the follow-ups cite their sources. Customise one with a spec, the same syntax
+``dppo train --method``, ``dppo compare`` and ``method.json`` use:
+
+    method_from_spec("dppo-binary-tv@mask.delta_low=0.2,cap=5")       # dotted paths into the parts
+    method_from_spec("vaco@gates.sequence.delta=0.3")                  # a gate by its kind
+    method_from_spec("grpo@form=is")                                   # a part by its kind (its defaults)
+    method_from_spec("cispo@ratio_cap=3")                              # the flat names of before issue 23 still work
+    replace("dppo-binary-tv", delta_low=0.2, ratio_cap=5.0)            # the same, as keywords
+
+or with :func:`dataclasses.replace` on the typed parts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Method", "PRESETS", "get_method", "method_from_spec", "ESTIMATORS", "AGGREGATIONS"]
+from dppo.aggregation import AGGREGATIONS
+from dppo.parts import (
+    DRPO, FORMS, GATES, INF, IS, MASKS, PENALTIES, PG, BehaviorWeight, DivergenceMask, Form, GammaWeight, Gate,
+    LogRatioPenalty, Mask, NoMask, OffPolicySequenceMask, PPOClip, RatioMask, SequenceMask, part_fields,
+)
 
-INF = math.inf
+__all__ = ["Method", "PRESETS", "get_method", "replace", "method_from_spec", "parse_spec", "method_to_dict",
+           "method_from_dict", "AGGREGATIONS", "ANCHORS"]
 
-ESTIMATORS = ("none", "ratio", "binary_tv", "binary_kl", "topk_tv", "topk_kl")
-DIVERGENCES = ("binary_tv", "binary_kl", "topk_tv", "topk_kl")
 ANCHORS = ("rollout", "recompute")
-LOSS_FORMS = ("is", "ppo_clip", "drpo")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum")
-MASK_SIDES = ("away", "any")
-SEQ_REDUCES = ("max", "mean")
-SEQ_POLICIES = ("current", "old")
-SEQ_SIDES = ("all", "away")
-
-Estimator = Literal["none", "ratio", "binary_tv", "binary_kl", "topk_tv", "topk_kl"]
 Anchor = Literal["rollout", "recompute"]
-LossForm = Literal["is", "ppo_clip", "drpo"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One policy-loss method. Field defaults are DPPO-Binary-TV's sanity-test values (§5.1, App. C).
+    """One policy-loss method, composed of parts (:mod:`dppo.parts`). Defaults: DPPO-Binary-TV's sanity-test values
+    (§5.1, App. C).
 
     Attributes:
         name: label used in logs.
-        estimator: what the token mask thresholds. ``"binary_tv"``/``"binary_kl"`` (Eqs. 13–14),
-            ``"topk_tv"``/``"topk_kl"`` (Eqs. 15–16) give DPPO's divergence mask (Eq. 12); ``"ratio"`` gives PPO's
-            ratio mask with δ read as ε (r > 1+ε_high / r < 1−ε_low); ``"none"`` masks nothing (PG-IS, CISPO, DRPO).
         anchor: the policy the trust region is centred on. ``"rollout"`` = μ_θ′, the inference engine's log-probs at
             sampling time (the paper's choice for every method, §5.2, App. E); ``"recompute"`` = π_θ′, the trainer's
             recomputed log-probs before the update (MiniRL; the Fig. 4 "decoupled" ablation; IcePop, VACO). The IS
             weight min(π/μ, C) always uses the rollout μ (Eq. 23).
-        delta_low: threshold of the negative side (Â < 0, π falling); δ for divergences, ε for ``"ratio"``.
-        delta_high: threshold of the positive side (Â > 0, π rising). ``inf`` disables a side.
-        mask_sides: ``"away"`` = Eq. 12: block a token only when its update moves π away from the anchor in the
-            direction Â pushes (Â > 0 and π above, or Â < 0 and π below). ``"any"`` = block every token whose
-            estimate exceeds the threshold of its side (δ_high above the anchor, δ_low below), whatever Â: IPO's
-            symmetric mask (prime-rl ``ipo_loss_fn``, PR #2798; #1930: "we mask independently of the advantage
-            sign"). Needs ``loss_form="is"`` and an estimator.
-        ratio_cap: C in min(r, C) (Eq. 23). ``inf`` = no truncation: the paper's DPPO sanity test; C = 5 in the scaling
-            runs (§7). §5.4 finds truncation at C = 3 hurts.
-        relax_low_below / relax_high_below: α; tokens whose anchor probability is below α are exempt from that side
-            of a ``"ratio"`` mask (§6, Fig. 7: α = 0.1).
-        behavior_low / behavior_high: IcePop's band [α, β] on the behaviour ratio b_t = π_θ′(a_t)/μ(a_t) (recomputed
-            old policy over rollout, detached): a token with b_t outside the band gets weight 0, whatever Â
-            (arXiv 2510.18855; slime ``icepop_function``). 0 / ``inf`` = no band. Needs ``anchor="recompute"``.
-        behavior_cap: truncate b_t at this value (VACO as in open-instruct PR #1755: ``rho_clamp_upper_bound`` = 2).
-            ``inf`` = no cap. Needs ``anchor="recompute"``. Band and cap multiply the whole token loss by
-            band(b)·min(b, cap)/b, so a kept token's gradient weight becomes min(π/μ, C)·min(b, cap)/b: for the
-            PPO-clip form with C = ∞ that is band(b)·min(b, cap), the weight IcePop and VACO put on the PPO-clip
-            loss on π/π_θ′.
-        seq_estimator / seq_delta: a sequence-level gate: a sequence's statistic (``seq_reduce`` over its response
-            tokens of ``seq_estimator``) above ``seq_delta`` drops the sequence (``seq_sides="all"``) or its tokens
-            that move away (``"away"``). ``inf`` = off. TRM (arXiv 2512.23075): max, current policy, all.
-        seq_reduce: ``"max"`` (TRM) or ``"mean"`` (VACO, arXiv 2603.01365) over the response tokens.
-        seq_policy: whose divergence the gate measures. ``"current"`` = D(anchor ‖ π_θ) of the policy being updated
-            (TRM; a sequence-level function of π_θ, so :func:`dppo.policy_loss_from_hidden` falls back to two
-            passes for it); ``"old"`` = D(μ ‖ π_θ′) of the recomputed old policy against the rollout (VACO; known
-            before the update). ``"old"`` needs ``old_logp`` and a binary or ratio ``seq_estimator``.
-        seq_sides: ``"all"`` = drop the whole sequence; ``"away"`` = drop only its tokens whose move from the
-            reference is along Â: sign(log p − log q)·Â > 0 with (p, q) = (π_θ, anchor) or (π_θ′, μ)
-            (open-instruct PR #1755's ``moving_away``).
-        loss_form: ``"is"`` = −Â·sg(min(r, C))·M·log π (Eq. 23); ``"ppo_clip"`` = the PPO min(r·Â, clip(r)·Â) form
-            on r = π/anchor (same gradient, needs ``estimator="ratio"``); ``"drpo"`` = DRPO's smooth penalty
-            −Â·r + |Â|·μ·(r−1)²/(2δ) with δ = ``drpo_delta`` (DRPO, arXiv 2606.09821).
-        drpo_delta: δ of DRPO, in Binary-TV units: the gradient weight 1 − sign(Â(r−1))·|π−μ|/δ reaches 0 at |π−μ| = δ.
-        kl_coef: τ of a penalty τ·(log π(a_t) − log μ(a_t))² added on every response token, masked or not (the
-            Kimi-K2.5 term, arXiv 2602.02276, as prime-rl's IPO ``kl_tau`` applies it; 0 = off). Its gradient is
-            2τ·(log π − log μ)·∇log π.
-        aggregation: how token losses become one scalar (see :func:`dppo.loss.aggregate`).
+        mask: the token trust region M_t and the estimate it thresholds (NoMask, RatioMask, DivergenceMask).
+        cap: C in min(r, C) (Eq. 23). ``inf`` = no truncation: the paper's DPPO sanity test; C = 5 in the scaling
+            runs (§7). §5.4 finds truncation at C = 3 hurts. Forms without an IS weight (DRPO, PG) need ``inf``.
+        form: how Â, the weights and log π make the token loss (IS, PPOClip, DRPO, PG).
+        gates: detached weights on the token loss: per token (BehaviorWeight) or per sequence (SequenceMask,
+            OffPolicySequenceMask, GammaWeight); at most one of each kind.
+        penalty: a term added on every response token, masked or not (LogRatioPenalty), or None.
+        aggregation: how token losses become one scalar (see :func:`dppo.aggregation.aggregate`).
         max_len_norm: the constant L of ``"seq-mean-token-sum-norm"`` (Dr.GRPO); None = the batch's T.
         topk: how many rollout top-K ids/log-probs the rollout must record (K = 20 in the paper, §4.4, the most vLLM
             returns); 0 for methods that need none.
     """
 
     name: str = "dppo-binary-tv"
-    estimator: Estimator = "binary_tv"
     anchor: Anchor = "rollout"
-    delta_low: float = 0.15
-    delta_high: float = 0.15
-    mask_sides: Literal["away", "any"] = "away"
-    ratio_cap: float = INF
-    relax_low_below: float = 0.0
-    relax_high_below: float = 0.0
-    behavior_low: float = 0.0
-    behavior_high: float = INF
-    behavior_cap: float = INF
-    seq_estimator: Estimator = "binary_kl"
-    seq_delta: float = INF
-    seq_reduce: Literal["max", "mean"] = "max"
-    seq_policy: Literal["current", "old"] = "current"
-    seq_sides: Literal["all", "away"] = "all"
-    loss_form: LossForm = "is"
-    drpo_delta: float = 0.15
-    kl_coef: float = 0.0
+    mask: Mask = DivergenceMask()
+    cap: float = INF
+    form: Form = IS()
+    gates: tuple[Gate, ...] = ()
+    penalty: LogRatioPenalty | None = None
     aggregation: Aggregation = "seq-mean-token-sum-norm"
     max_len_norm: int | None = None
     topk: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.gates, (list, tuple)):  # one order (dppo.parts.GATES'), so equal methods compare equal
+            rank = {kind: i for i, kind in enumerate(GATES)}
+            gates = sorted(self.gates, key=lambda g: rank.get(getattr(g, "KIND", None), -1))
+            object.__setattr__(self, "gates", tuple(gates))
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"Method {self.name!r}: {msg}")
 
-        def number(field: str) -> float:
-            v = getattr(self, field)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v),
-                 f"{field} must be a number, got {v!r}")
-            return float(v)
+        def kinds(registry: dict) -> str:
+            return ", ".join(c.__name__ for c in registry.values())
 
-        for field, allowed in (("estimator", ESTIMATORS), ("anchor", ANCHORS), ("loss_form", LOSS_FORMS),
-                               ("aggregation", AGGREGATIONS), ("mask_sides", MASK_SIDES),
-                               ("seq_reduce", SEQ_REDUCES), ("seq_policy", SEQ_POLICIES), ("seq_sides", SEQ_SIDES)):
-            v = getattr(self, field)
-            need(v in allowed, f"unknown {field} {v!r}; choose one of {allowed}")
-        for field in ("delta_low", "delta_high", "seq_delta", "drpo_delta", "ratio_cap", "behavior_high",
-                      "behavior_cap"):
-            need(number(field) > 0, f"{field} = {getattr(self, field)!r} must be > 0 (use float('inf') to switch it off)")
-        need(number("behavior_low") >= 0 and math.isfinite(self.behavior_low),
-             f"behavior_low = {self.behavior_low!r} must be a finite number >= 0 (0 = no lower band edge)")
-        need(self.behavior_low < self.behavior_high,
-             f"behavior_low = {self.behavior_low!r} must be < behavior_high = {self.behavior_high!r}")
-        need(number("kl_coef") >= 0 and math.isfinite(self.kl_coef),
-             f"kl_coef = {self.kl_coef!r} must be a finite number >= 0 (0 = no penalty)")
-        for field in ("relax_low_below", "relax_high_below"):
-            v = number(field)
-            need(0.0 <= v <= 1.0, f"{field} = {v!r} must be a probability in [0, 1] (0 = no relaxation)")
-        need(
-            self.estimator == "ratio" or (self.relax_low_below == 0 and self.relax_high_below == 0),
-            "relax_low_below/relax_high_below only apply to the ratio mask; set estimator='ratio' or set them to 0",
-        )
-        need(
-            self.seq_estimator in ("ratio",) + DIVERGENCES,
-            f"seq_estimator {self.seq_estimator!r} must be one of {('ratio',) + DIVERGENCES}",
-        )
-        need(
-            self.loss_form != "ppo_clip" or self.estimator == "ratio",
-            "loss_form='ppo_clip' is the PPO min-form of a ratio mask; set estimator='ratio' or use loss_form='is'",
-        )
-        need(
-            self.loss_form != "ppo_clip" or (self.relax_low_below == 0 and self.relax_high_below == 0),
-            "loss_form='ppo_clip' has no relaxed form; use loss_form='is' for the relax ablations",
-        )
-        need(
-            self.loss_form != "drpo" or self.ratio_cap == INF,
-            "DRPO's penalty replaces the cap; set ratio_cap=float('inf') with loss_form='drpo'",
-        )
-        need(
-            self.mask_sides == "away" or (self.loss_form == "is" and self.estimator != "none"),
-            "mask_sides='any' masks by the estimate alone and needs loss_form='is' and an estimator other than "
-            "'none' (PPO's min-form is one-sided by construction)",
-        )
-        has_behavior = self.behavior_low > 0 or self.behavior_high != INF or self.behavior_cap != INF
-        need(
-            not has_behavior or self.anchor == "recompute",
-            "behavior_low/behavior_high/behavior_cap act on b = π_θ′/μ, which is 1 with anchor='rollout'; set "
-            "anchor='recompute' or leave them at 0/inf/inf",
-        )
-        need(
-            not has_behavior or self.loss_form != "drpo",
-            "the behaviour band/cap weights an 'is' or 'ppo_clip' loss; DRPO's penalty has no such weight",
-        )
-        need(
-            self.seq_policy != "old" or not self.seq_estimator.startswith("topk"),
-            "seq_policy='old' measures π_θ′ against μ, and π_θ′ at the rollout's top-K ids is not recorded; use a "
-            "binary or ratio seq_estimator",
-        )
-        need(
-            self.max_len_norm is None or (isinstance(self.max_len_norm, int) and self.max_len_norm > 0),
-            f"max_len_norm must be None or a positive int, got {self.max_len_norm!r}",
-        )
-        need(
-            not (self.anchor == "recompute" and self.needs_topk),
-            "a top-K estimator anchored to the recomputed policy would need π_θ′ at the top-K ids, which only the "
-            "rollout records (as μ); use anchor='rollout' or a binary estimator",
-        )
-        need(isinstance(self.topk, int) and self.topk >= 0, f"topk must be an int >= 0, got {self.topk!r}")
-        need(
-            not self.needs_topk or self.topk >= 1,
-            "a top-K estimator needs topk >= 1 (the number of rollout top-K log-probs to record; the paper uses 20)",
-        )
+        need(isinstance(self.name, str) and bool(self.name), f"name must be a non-empty string, got {self.name!r}")
+        need(self.anchor in ANCHORS, f"unknown anchor {self.anchor!r}; choose one of {ANCHORS}")
+        need(isinstance(self.mask, tuple(MASKS.values())), f"mask must be one of {kinds(MASKS)}, got {self.mask!r}")
+        need(isinstance(self.form, tuple(FORMS.values())), f"form must be one of {kinds(FORMS)}, got {self.form!r}")
+        need(isinstance(self.gates, tuple) and all(isinstance(g, tuple(GATES.values())) for g in self.gates),
+             f"gates must be a tuple of {kinds(GATES)}, got {self.gates!r}")
+        seen = [g.KIND for g in self.gates]
+        need(len(seen) == len(set(seen)), f"gates holds two gates of one kind ({seen}); combine them into one")
+        need(self.penalty is None or isinstance(self.penalty, LogRatioPenalty),
+             f"penalty must be None or a LogRatioPenalty, got {self.penalty!r}")
+        cap = self.cap
+        need(isinstance(cap, (int, float)) and not isinstance(cap, bool) and not math.isnan(cap),
+             f"cap must be a number, got {cap!r}")
+        need(cap > 0, f"cap = {cap!r} must be > 0 (use float('inf') to switch it off)")
+        need(self.aggregation in AGGREGATIONS, f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
+        need(self.max_len_norm is None or (isinstance(self.max_len_norm, int) and not isinstance(self.max_len_norm, bool)
+                                           and self.max_len_norm > 0),
+             f"max_len_norm must be None or a positive int, got {self.max_len_norm!r}")
+        need(isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 0,
+             f"topk must be an int >= 0, got {self.topk!r}")
+        # which parts go together
+        form, mask = self.form, self.mask
+        if isinstance(form, PPOClip):
+            need(isinstance(mask, RatioMask), f"form PPOClip is the PPO min-form of a ratio mask, but the mask is "
+                 f"{type(mask).__name__}; use mask=RatioMask(...) or form=IS()")
+            need(not mask.relaxed, "form PPOClip has no relaxed form; use form=IS() for the §6 relax ablations")  # type: ignore[union-attr]
+            need(mask.sides == "away", "form PPOClip is one-sided by construction; a RatioMask with sides='any' "  # type: ignore[union-attr]
+                 "needs form=IS()")
+        if isinstance(form, (DRPO, PG)):
+            need(cap == INF, f"form {type(form).__name__} has no IS weight to cap; set cap=float('inf')")
+        if not isinstance(mask, NoMask) and mask.sides == "any":
+            need(isinstance(form, IS), "a mask with sides='any' masks by the estimate alone and needs form=IS() "
+                 "(PPO's min-form is one-sided by construction)")
+        if self.behavior is not None:
+            need(self.anchor == "recompute", "a BehaviorWeight acts on b = π_θ′/μ, which is 1 with anchor='rollout'; "
+                 "set anchor='recompute' or leave the gate out")
+            need(isinstance(form, (IS, PPOClip)), "a BehaviorWeight weights an IS or PPOClip loss; "
+                 f"{type(form).__name__} has no such weight")
+        need(not (self.anchor == "recompute" and self.needs_topk),
+             "a top-K estimator anchored to the recomputed policy would need π_θ′ at the top-K ids, which only the "
+             "rollout records (as μ); use anchor='rollout' or a binary estimator")
+        need(not self.needs_topk or self.topk >= 1,
+             "a top-K estimator needs topk >= 1 (the number of rollout top-K log-probs to record; the paper uses 20)")
+
+    # --- what the parts need, for the callers that gather the inputs ---
+    @property
+    def token_gates(self) -> tuple[Gate, ...]:
+        return tuple(g for g in self.gates if not g.per_sequence)
+
+    @property
+    def sequence_gates(self) -> tuple[Gate, ...]:
+        return tuple(g for g in self.gates if g.per_sequence)
+
+    @property
+    def behavior(self) -> BehaviorWeight | None:
+        return next((g for g in self.gates if isinstance(g, BehaviorWeight)), None)
 
     @property
     def has_seq_gate(self) -> bool:
-        return self.seq_delta != INF
+        return bool(self.sequence_gates)
 
     @property
     def needs_topk(self) -> bool:
-        """True if the loss needs ``topk_logp``, ``rollout_topk_logp`` and ``sampled_in_topk``."""
-        return self.estimator.startswith("topk") or (self.has_seq_gate and self.seq_estimator.startswith("topk"))
+        """True if the loss needs log π and log μ at the rollout's top-K ids and ``sampled_in_topk``."""
+        return self.mask.needs_topk or any(g.needs_topk for g in self.sequence_gates)
 
     @property
     def needs_old_logp(self) -> bool:
         """True if the loss needs the recomputed π_θ′ (an extra forward pass before the update)."""
-        return self.anchor == "recompute" or (self.has_seq_gate and self.seq_policy == "old")
+        return self.anchor == "recompute" or any(g.needs_old_logp for g in self.sequence_gates)
 
     @property
     def single_pass(self) -> bool:
         """True if every token's loss gradient is known from that token's own statistics and quantities fixed before
         the update, so :func:`dppo.policy_loss_from_hidden` can fuse it; False for a sequence gate on the current
-        policy (TRM), whose value needs the whole sequence's log π_θ first."""
-        return not (self.has_seq_gate and self.seq_policy == "current")
+        policy (TRM, VESPO, the off-policy sequence mask), whose value needs the whole sequence's log π_θ first."""
+        return not any(g.reads_current for g in self.sequence_gates)
+
+    # --- read-only views under the flat names of before issue 23 (logs, the trainer's checks) ---
+    @property
+    def estimator(self) -> str:
+        """What the token mask thresholds: ``"none"``, ``"ratio"`` or the divergence estimator's name."""
+        return self.mask.estimator if isinstance(self.mask, DivergenceMask) else self.mask.KIND
+
+    @property
+    def delta_low(self) -> float | None:
+        """The negative side's threshold: δ of a divergence mask, ε of a ratio mask, None without a mask."""
+        m = self.mask
+        return m.delta_low if isinstance(m, DivergenceMask) else m.eps_low if isinstance(m, RatioMask) else None
+
+    @property
+    def delta_high(self) -> float | None:
+        m = self.mask
+        return m.delta_high if isinstance(m, DivergenceMask) else m.eps_high if isinstance(m, RatioMask) else None
+
+    @property
+    def ratio_cap(self) -> float:
+        return self.cap
+
+    @property
+    def loss_form(self) -> str:
+        return self.form.KIND
+
+    def to_dict(self) -> dict[str, object]:
+        """:func:`method_to_dict` (what ``method.json`` holds)."""
+        return method_to_dict(self)
 
 
-def _m(name: str, **kw: object) -> Method:
-    return Method(name=name, **kw)  # type: ignore[arg-type]
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# Presets: one line of data each, with its source.
+# ---------------------------------------------------------------------------------------------------------------
 # GRPO-ClipHigher's ε (DAPO clip-higher): 0.2/0.28 in the §5.1 sanity test; 0.2/0.27 in the §7 scaling runs
 # (following Zheng et al. 2025).
-_CLIP_HIGHER = dict(estimator="ratio", delta_low=0.2, delta_high=0.28)
-_CLIP_HIGHER_SCALING = dict(estimator="ratio", delta_low=0.2, delta_high=0.27)
+_CLIP_HIGHER = RatioMask(eps_low=0.2, eps_high=0.28)
+_CLIP_HIGHER_SCALING = RatioMask(eps_low=0.2, eps_high=0.27)
 # §7 / App. E: "C = 5" for DPPO, GRPO and CISPO in every scaling run.
 _C_SCALING = 5.0
 
-PRESETS: dict[str, Method] = {
+
+def _tv(d_low: float, d_high: float) -> DivergenceMask:
+    return DivergenceMask("binary_tv", d_low, d_high)
+
+
+def _kl(d: float) -> DivergenceMask:
+    return DivergenceMask("binary_kl", d, d)
+
+
+PRESETS: dict[str, Method] = {m.name: m for m in (
     # --- §5.1 sanity test (App. C): δ_TV = 0.15, δ_KL = 0.05, C = ∞ for DPPO; GRPO ε 0.2/0.28; CISPO C = 3. ---
     # DPPO, §4 (Eqs. 12–14), thresholds of §5.1.
-    "dppo-binary-tv": _m("dppo-binary-tv", estimator="binary_tv", delta_low=0.15, delta_high=0.15),
-    "dppo-binary-kl": _m("dppo-binary-kl", estimator="binary_kl", delta_low=0.05, delta_high=0.05),
+    Method("dppo-binary-tv", mask=_tv(0.15, 0.15)),
+    Method("dppo-binary-kl", mask=_kl(0.05)),
     # Top-K (Eqs. 15–16), K = 20 (§4.4). The sanity test has no Top-K run: δ_TV = 0.15 and δ_KL = 0.05 are *ours*,
     # §5.1's Binary thresholds carried over so that Binary and Top-K compare at equal δ; C = ∞ as §5.1's DPPO.
-    "dppo-topk-tv": _m("dppo-topk-tv", estimator="topk_tv", delta_low=0.15, delta_high=0.15, topk=20),
-    "dppo-topk-kl": _m("dppo-topk-kl", estimator="topk_kl", delta_low=0.05, delta_high=0.05, topk=20),
+    Method("dppo-topk-tv", mask=DivergenceMask("topk_tv", 0.15, 0.15), topk=20),
+    Method("dppo-topk-kl", mask=DivergenceMask("topk_kl", 0.05, 0.05), topk=20),
     # Fig. 4 "decoupled" ablation: the same masks anchored to the recomputed π_θ′ instead of μ_θ′ (§5.2).
-    "dppo-binary-tv-recompute": _m(
-        "dppo-binary-tv-recompute", estimator="binary_tv", anchor="recompute", delta_low=0.15, delta_high=0.15
-    ),
-    "dppo-binary-kl-recompute": _m(
-        "dppo-binary-kl-recompute", estimator="binary_kl", anchor="recompute", delta_low=0.05, delta_high=0.05
-    ),
+    Method("dppo-binary-tv-recompute", anchor="recompute", mask=_tv(0.15, 0.15)),
+    Method("dppo-binary-kl-recompute", anchor="recompute", mask=_kl(0.05)),
     # GRPO: PPO ratio mask, ε = 0.2 both sides (Shao et al. 2024), anchored to μ like every baseline (App. E).
-    "grpo": _m("grpo", estimator="ratio", delta_low=0.2, delta_high=0.2, loss_form="ppo_clip"),
+    Method("grpo", mask=RatioMask(0.2, 0.2), form=PPOClip()),
     # GRPO-ClipHigher: ε_low = 0.2, ε_high = 0.28, C = ∞ (§5.1 sanity test).
-    "grpo-clip-higher": _m("grpo-clip-higher", **_CLIP_HIGHER, loss_form="ppo_clip"),  # type: ignore[arg-type]
+    Method("grpo-clip-higher", mask=_CLIP_HIGHER, form=PPOClip()),
     # PG-IS: M = 1, C = ∞ (App. C.1, Eq. 23 table).
-    "pg-is": _m("pg-is", estimator="none"),
+    Method("pg-is", mask=NoMask()),
     # CISPO = PG-TIS: M = 1, min(r, C) with C = 3 (§5.1 sanity test, App. C.1: "TIS variants use C = 3").
-    "cispo": _m("cispo", estimator="none", ratio_cap=3.0),
+    Method("cispo", mask=NoMask(), cap=3.0),
     # MiniRL (Zheng et al. 2025): the clip-higher mask on the recomputed ratio π_θ/π_θ′, C = ∞ (§5.1, App. C.1).
-    "minirl": _m("minirl", **_CLIP_HIGHER, anchor="recompute"),  # type: ignore[arg-type]
+    Method("minirl", anchor="recompute", mask=_CLIP_HIGHER),
     # MiniRL-TIS: MiniRL with C = 3 (§5.4).
-    "minirl-tis": _m("minirl-tis", **_CLIP_HIGHER, anchor="recompute", ratio_cap=3.0),  # type: ignore[arg-type]
+    Method("minirl-tis", anchor="recompute", mask=_CLIP_HIGHER, cap=3.0),
     # §5.3, Fig. 5: PG-IS plus one mask, Â < 0 and μ − π > 0.5, anchored to μ.
-    "minimal-negative-mask": _m("minimal-negative-mask", estimator="binary_tv", delta_low=0.5, delta_high=INF),
+    Method("minimal-negative-mask", mask=_tv(0.5, INF)),
     # §6, Fig. 7: GRPO-ClipHigher with ε = ∞ for tokens whose μ(a_t) < α = 0.1 on the named side(s).
-    "relax-low": _m("relax-low", **_CLIP_HIGHER, relax_low_below=0.1),  # type: ignore[arg-type]
-    "relax-high": _m("relax-high", **_CLIP_HIGHER, relax_high_below=0.1),  # type: ignore[arg-type]
-    "relax-both": _m("relax-both", **_CLIP_HIGHER, relax_low_below=0.1, relax_high_below=0.1),  # type: ignore[arg-type]
+    Method("relax-low", mask=dataclasses.replace(_CLIP_HIGHER, relax_low_below=0.1)),
+    Method("relax-high", mask=dataclasses.replace(_CLIP_HIGHER, relax_high_below=0.1)),
+    Method("relax-both", mask=dataclasses.replace(_CLIP_HIGHER, relax_low_below=0.1, relax_high_below=0.1)),
     # --- §7 scaling runs (App. E/F): δ_TV = 0.2, δ_KL = 0.05, GRPO ε 0.2/0.27, C = 5 for DPPO, GRPO and CISPO. ---
     # DPPO Binary (§7, App. E): δ_TV = 0.2, δ_KL = 0.05, C = 5.
-    "dppo-binary-tv-scaling": _m("dppo-binary-tv-scaling", estimator="binary_tv", delta_low=0.2, delta_high=0.2,
-                                 ratio_cap=_C_SCALING),
-    "dppo-binary-kl-scaling": _m("dppo-binary-kl-scaling", estimator="binary_kl", delta_low=0.05, delta_high=0.05,
-                                 ratio_cap=_C_SCALING),
+    Method("dppo-binary-tv-scaling", mask=_tv(0.2, 0.2), cap=_C_SCALING),
+    Method("dppo-binary-kl-scaling", mask=_kl(0.05), cap=_C_SCALING),
     # §7 "MoE Base w/ LoRA" (Table 1: rank 32, α 64, lr 1e-5): Binary-TV δ = 0.15 for LoRA (App. E), C = 5.
-    "dppo-binary-tv-lora": _m("dppo-binary-tv-lora", estimator="binary_tv", delta_low=0.15, delta_high=0.15,
-                              ratio_cap=_C_SCALING),
+    Method("dppo-binary-tv-lora", mask=_tv(0.15, 0.15), cap=_C_SCALING),
     # Top-K ablation (§7.3, App. F.3): K = 20, δ_TV = 0.2, δ_KL = 0.05, C = 5.
-    "dppo-topk-tv-scaling": _m("dppo-topk-tv-scaling", estimator="topk_tv", delta_low=0.2, delta_high=0.2,
-                               ratio_cap=_C_SCALING, topk=20),
-    "dppo-topk-kl-scaling": _m("dppo-topk-kl-scaling", estimator="topk_kl", delta_low=0.05, delta_high=0.05,
-                               ratio_cap=_C_SCALING, topk=20),
+    Method("dppo-topk-tv-scaling", mask=DivergenceMask("topk_tv", 0.2, 0.2), cap=_C_SCALING, topk=20),
+    Method("dppo-topk-kl-scaling", mask=DivergenceMask("topk_kl", 0.05, 0.05), cap=_C_SCALING, topk=20),
     # GRPO-ClipHigher in the scaling runs (§7, App. E): ε_low = 0.2, ε_high = 0.27, C = 5.
-    "grpo-clip-higher-scaling": _m("grpo-clip-higher-scaling", **_CLIP_HIGHER_SCALING,  # type: ignore[arg-type]
-                                   loss_form="ppo_clip", ratio_cap=_C_SCALING),
+    Method("grpo-clip-higher-scaling", mask=_CLIP_HIGHER_SCALING, form=PPOClip(), cap=_C_SCALING),
     # CISPO in the scaling runs (§7, App. E): C = 5.
-    "cispo-scaling": _m("cispo-scaling", estimator="none", ratio_cap=_C_SCALING),
+    Method("cispo-scaling", mask=NoMask(), cap=_C_SCALING),
     # --- Follow-ups of the paper: DRPO (arXiv 2606.09821) and TRM (arXiv 2512.23075). ---
     # DRPO (arXiv 2606.09821): smooth Binary-TV penalty, no mask, no cap. δ = 0.15 is our choice so
     # the weight reaches 0 exactly on DPPO-Binary-TV's boundary; DRPO's own "12.5" is in another parameterisation.
-    "drpo": _m("drpo", estimator="none", loss_form="drpo", drpo_delta=0.15),
-    # TRM (arXiv 2512.23075): PG-IS with a sequence mask on the max token Binary-KL; δ = 0.05 mirrors DPPO-KL's δ
+    Method("drpo", mask=NoMask(), form=DRPO(delta=0.15)),
+    # TRM (arXiv 2512.23075): PG-IS with a sequence mask on the max token Binary-KL; δ = 0.05 is *ours*, DPPO-KL's δ
     # (TRM reports no single default for the sample-based detector).
-    "trm": _m("trm", estimator="none", seq_estimator="binary_kl", seq_delta=0.05),
+    Method("trm", mask=NoMask(), gates=(SequenceMask("binary_kl", delta=0.05),)),
     # --- The field's newer trust regions (issue 13). ---
     # IPO, prime-rl's default RL loss since PR #3418 (ipo_loss_fn; read at prime-rl 559b447, #2798): a token is
     # masked iff |π − μ| > eps whatever Â; kept tokens get −Â·r, r = π/μ uncapped; + kl_tau·(log r)² on every
     # response token; Σ over tokens / the batch's token count (token-mean). eps = 0.3, kl_tau = 0: PR #3586.
-    "ipo": _m("ipo", estimator="binary_tv", delta_low=0.3, delta_high=0.3, mask_sides="any", kl_coef=0.0,
-              aggregation="token-mean"),
+    Method("ipo", mask=DivergenceMask("binary_tv", 0.3, 0.3, sides="any"), aggregation="token-mean"),
     # IPO with the defaults of PR #2798 (kept by #3418 until #3586): ipo_threshold/eps = 0.1, kl_tau = 1e-3.
-    "ipo-kl": _m("ipo-kl", estimator="binary_tv", delta_low=0.1, delta_high=0.1, mask_sides="any", kl_coef=1e-3,
-                 aggregation="token-mean"),
+    Method("ipo-kl", mask=DivergenceMask("binary_tv", 0.1, 0.1, sides="any"), penalty=LogRatioPenalty(1e-3),
+           aggregation="token-mean"),
     # IcePop (Ring-1T, arXiv 2510.18855; slime icepop_function): k = π_θ′/μ (recomputed old policy over rollout),
     # weight k if α ≤ k ≤ β else 0 (α = 0.5, β = 5), times PPO-clip on π/π_θ′ with ε = 0.2. Token-mean is *ours*
     # (the 1/Σ|y| of the IcePop objective as prime-rl's IcePop branch quotes it, commit 3c3248d).
-    "icepop": _m("icepop", estimator="ratio", anchor="recompute", delta_low=0.2, delta_high=0.2,
-                 loss_form="ppo_clip", behavior_low=0.5, behavior_high=5.0, aggregation="token-mean"),
+    Method("icepop", anchor="recompute", mask=RatioMask(0.2, 0.2), form=PPOClip(),
+           gates=(BehaviorWeight(low=0.5, high=5.0),), aggregation="token-mean"),
     # VACO (arXiv 2603.01365) as open-instruct implements it (compute_rho_correction at commit 5c2bf9a): the
     # sequence's mean Binary-TV |π_θ′ − μ| over its response; if it exceeds U, tokens with sign(log π_θ′ − log μ)·Â
     # > 0 are dropped; kept tokens weighted min(π_θ′/μ, 2) (rho_clamp_upper_bound); PPO-clip on π/π_θ′ with
     # ε = 0.2/0.272 (clip_lower/clip_higher); loss_denominator "token" = token-mean. U = 0.2 is *ours*: neither the
     # PR nor its scripts set rho_mask_upper_bound for VACO (default 0 = off), and the paper's own LLM rule could
     # not be confirmed (paper not read). Source: open-instruct PR #1755.
-    "vaco": _m("vaco", estimator="ratio", anchor="recompute", delta_low=0.2, delta_high=0.272, loss_form="ppo_clip",
-               behavior_cap=2.0, seq_estimator="binary_tv", seq_delta=0.2, seq_reduce="mean", seq_policy="old",
-               seq_sides="away", aggregation="token-mean"),
-}
+    Method("vaco", anchor="recompute", mask=RatioMask(0.2, 0.272), form=PPOClip(),
+           gates=(BehaviorWeight(cap=2.0), SequenceMask("binary_tv", 0.2, reduce="mean", policy="old", sides="away")),
+           aggregation="token-mean"),
+    # --- The newest trust regions (issue 23). ---
+    # KPop (prime-rl PR #3283 kpop_loss_fn at b9ba060; AReaL PR #1405's binary_kl filter): keep a token iff both
+    # Bernoulli KLs D(π‖μ) and D(μ‖π) ≤ φ = 0.1 (the paper's, PR #3283's default), whatever Â; kept tokens −Â·r,
+    # r = π/μ uncapped; token-mean as IPO. prime-rl's kl_tau·(log r)² (its default 1e-3) is off here, as in AReaL's
+    # filter: turn it on with kpop@penalty.coef=1e-3 (*ours*: which of the two defaults the preset carries).
+    Method("kpop", mask=DivergenceMask("binary_kl_max", 0.1, 0.1, sides="any"), aggregation="token-mean"),
+    # VESPO (arXiv 2602.10693; trl#5199 get_gamma_weights): −sg(φ(w))·Â·log π, φ(w) = e^λ·w^k·e^(−λw) on the
+    # sequence ratio w = Π π/μ, k₊ 2, λ₊ 3, k₋ 3, λ₋ 2 (TRL's and the official recipe's defaults), token-mean (both).
+    Method("vespo", mask=NoMask(), form=PG(), gates=(GammaWeight(2.0, 3.0, 3.0, 2.0),), aggregation="token-mean"),
+    # DeepSeek-V3.2 off-policy sequence mask (arXiv 2512.02556 Eq. 9; trl#4689 off_policy_mask_threshold): drop a
+    # sequence with Â < 0 whose mean log(μ/π) > δ, on GRPO's PPO-clip (ε 0.2, TRL's default epsilon), token-mean
+    # (TRL's default loss_type "dapo"). δ = 0.5 is *ours*: TRL's documented example value; neither source sets one.
+    Method("offpolicy-seq-mask", mask=RatioMask(0.2, 0.2), form=PPOClip(), gates=(OffPolicySequenceMask(0.5),),
+           aggregation="token-mean"),
+    # DRO as verl#7245 defines it (compute_policy_loss_dro): −(log π·Â − ½β(log π − log μ)²), π_old = μ in bypass
+    # mode; token-mean (verl's default loss_agg_mode). β = 0.05 is *ours* (verl requires it, sets no default; the
+    # PR's usage example): κ = β/2.
+    Method("dro", mask=NoMask(), form=PG(), penalty=LogRatioPenalty(0.05 / 2), aggregation="token-mean"),
+)}
 
 
 def get_method(method: Method | str) -> Method:
-    """A Method as is, or the preset of that name; an unknown name lists the valid ones."""
+    """A Method as is, or the preset of that name (or a ``NAME@field=value,…`` spec, :func:`method_from_spec`); an
+    unknown name lists the valid ones."""
     if isinstance(method, Method):
         return method
     if isinstance(method, str):
-        if method not in PRESETS:
-            raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(PRESETS)}")
-        return PRESETS[method]
+        if method in PRESETS:
+            return PRESETS[method]
+        if "@" in method:
+            return method_from_spec(method)
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(PRESETS)}")
     raise TypeError(f"method must be a dppo.Method or a preset name, got {type(method).__name__}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Specs, overrides and method.json: one flat vocabulary of dotted paths.
+#
+#   name, anchor, cap, aggregation, max_len_norm, topk        the Method's own fields
+#   mask, form, penalty                                       a part by its KIND (its defaults; penalty=none)
+#   mask.<field>, form.<field>, penalty.<field>               a field of the current part
+#   gates                                                     the gates' kinds ("sequence+behavior", "none")
+#   gates.<kind>.<field>                                      a field of that gate (added with defaults if absent)
+#
+# plus the flat names of before issue 23 (ratio_cap, delta_low, estimator, seq_delta, kl_coef, …) as aliases.
+# method.json is method_to_dict: every key above, in that order, readable back by method_from_dict.
+# ---------------------------------------------------------------------------------------------------------------
+_OWN = ("name", "anchor", "cap", "aggregation", "max_len_norm", "topk")
+_PARTS = {"mask": MASKS, "form": FORMS, "penalty": PENALTIES}
+
+
+def _defaults(cls: type) -> dict[str, object]:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def _json(v: object) -> object:
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def method_to_dict(m: Method) -> dict[str, object]:
+    """Every field of ``m`` under the spec's dotted paths, JSON-safe (inf as "inf"): what ``method.json`` holds.
+    :func:`method_from_dict` reads it back to an equal Method."""
+    d: dict[str, object] = {"name": m.name, "anchor": m.anchor, "mask": m.mask.KIND}
+    d.update({f"mask.{k}": v for k, v in part_fields(m.mask).items()})
+    d["cap"] = m.cap
+    d["form"] = m.form.KIND
+    d.update({f"form.{k}": v for k, v in part_fields(m.form).items()})
+    d["gates"] = [g.KIND for g in m.gates]
+    for g in m.gates:
+        d.update({f"gates.{g.KIND}.{k}": v for k, v in part_fields(g).items()})
+    d["penalty"] = m.penalty.KIND if m.penalty is not None else "none"
+    if m.penalty is not None:
+        d.update({f"penalty.{k}": v for k, v in part_fields(m.penalty).items()})
+    d.update(aggregation=m.aggregation, max_len_norm=m.max_len_norm, topk=m.topk)
+    return {k: _json(v) for k, v in d.items()}
+
+
+def _unknown(key: str, where: str) -> ValueError:
+    return ValueError(f"unknown Method field {key!r}{where}; fields: {', '.join(_OWN)}, mask, mask.<field>, form, "
+                      f"form.<field>, gates, gates.<kind>.<field> (kinds: {', '.join(GATES)}), penalty, "
+                      f"penalty.<field>, or the flat names {', '.join(_LEGACY)}")
+
+
+def _switch(d: dict, part: str, kind: object, where: str) -> None:
+    """Make ``d``'s ``part`` a ``kind`` (with that kind's defaults), unless it is one already."""
+    registry = _PARTS[part]
+    allowed = tuple(registry) + (("none",) if part == "penalty" else ())
+    if kind not in allowed:
+        raise ValueError(f"unknown {part} {kind!r}{where}; choose one of {allowed}")
+    if d.get(part) == kind:
+        return
+    for k in [k for k in d if k.startswith(part + ".")]:
+        del d[k]
+    d[part] = kind
+    if kind != "none":
+        d.update({f"{part}.{k}": v for k, v in _defaults(registry[kind]).items()})
+
+
+def _set_gates(d: dict, kinds: object, where: str) -> None:
+    if isinstance(kinds, str):
+        kinds = [] if kinds in ("", "none") else kinds.split("+")
+    bad = [k for k in kinds if k not in GATES]  # type: ignore[union-attr]
+    if bad:
+        raise ValueError(f"unknown gate kind(s) {bad}{where}; choose from {tuple(GATES)}")
+    for k in d["gates"]:
+        if k not in kinds:  # type: ignore[operator]
+            for key in [x for x in d if x.startswith(f"gates.{k}.")]:
+                del d[key]
+    for k in kinds:  # type: ignore[union-attr]
+        if k not in d["gates"]:
+            d.update({f"gates.{k}.{f}": v for f, v in _defaults(GATES[k]).items()})
+    d["gates"] = list(kinds)  # type: ignore[arg-type]
+
+
+def _set(d: dict, key: str, value: object, where: str = "") -> None:
+    """Apply one override to the flat form ``d`` of a method (module comment above for the keys)."""
+    if key in _LEGACY:
+        _LEGACY[key](d, value, where)
+        return
+    head, _, rest = key.partition(".")
+    if key in _OWN:
+        d[key] = value
+    elif key in _PARTS:
+        _switch(d, key, value, where)
+    elif key == "gates":
+        _set_gates(d, value, where)
+    elif head in _PARTS and rest and "." not in rest:
+        if head == "penalty" and d["penalty"] == "none":
+            _switch(d, "penalty", "log_ratio", where)
+        kind = d[head]
+        if key not in d:
+            names = ", ".join(_defaults(_PARTS[head][kind])) or "none"
+            raise ValueError(f"{key!r}{where}: the {head} is {kind} (its fields: {names}); switch it first, e.g. "
+                             f"{head}={'|'.join(k for k in _PARTS[head] if k != kind)}")
+        d[key] = value
+    elif head == "gates" and rest.count(".") == 1:
+        kind, _, f = rest.partition(".")
+        if kind not in GATES:
+            raise ValueError(f"unknown gate kind {kind!r} in {key!r}{where}; choose one of {tuple(GATES)}")
+        if f not in _defaults(GATES[kind]):
+            raise ValueError(f"{key!r}{where}: gate {kind} has the fields {', '.join(_defaults(GATES[kind]))}")
+        if kind not in d["gates"]:
+            _set_gates(d, d["gates"] + [kind], where)
+        d[key] = value
+    else:
+        raise _unknown(key, where)
+
+
+def _threshold(side: str):
+    def apply(d: dict, v: object, where: str) -> None:
+        kind = d["mask"]
+        if kind == "none":
+            raise ValueError(f"delta_{side}{where}: {d['name']!r} has no token mask (mask = none), so no threshold to "
+                             "set; thresholds belong to a ratio or divergence mask (e.g. estimator=binary_tv first)")
+        _set(d, f"mask.{'eps' if kind == 'ratio' else 'delta'}_{side}", v, where)
+    return apply
+
+
+def _estimator(d: dict, v: object, where: str) -> None:
+    """The flat ``estimator`` switches the mask's kind, keeping its thresholds and sides (as the flat Method did)."""
+    old = {k[5:]: x for k, x in d.items() if k.startswith("mask.")}
+    lo = old.get("delta_low", old.get("eps_low", 0.15))
+    hi = old.get("delta_high", old.get("eps_high", 0.15))
+    sides = old.get("sides", "away")
+    if v == "none":
+        _switch(d, "mask", "none", where)
+    elif v == "ratio":
+        _switch(d, "mask", "ratio", where)
+        d.update({"mask.eps_low": lo, "mask.eps_high": hi, "mask.sides": sides})
+    else:
+        _switch(d, "mask", "divergence", where)
+        d.update({"mask.estimator": v, "mask.delta_low": lo, "mask.delta_high": hi, "mask.sides": sides})
+
+
+def _mask_field(f: str, neutral: object = None):
+    def apply(d: dict, v: object, where: str) -> None:
+        if v == neutral and f"mask.{f}" not in d:
+            return  # the flat Method's "off" value on a mask without the field
+        _set(d, f"mask.{f}", v, where)
+    return apply
+
+
+def _gate_field(kind: str, f: str, created: dict[str, object]):
+    def apply(d: dict, v: object, where: str) -> None:
+        if kind not in d["gates"]:
+            _set_gates(d, d["gates"] + [kind], where)
+            d.update({f"gates.{kind}.{k}": x for k, x in created.items()})  # the flat Method's "off" defaults
+        d[f"gates.{kind}.{f}"] = v
+    return apply
+
+
+def _kl_coef(d: dict, v: object, where: str) -> None:
+    if v == 0:
+        _switch(d, "penalty", "none", where)
+    else:
+        _set(d, "penalty.coef", v, where)
+
+
+def _drpo_delta(d: dict, v: object, where: str) -> None:
+    if d["form"] != "drpo":
+        raise ValueError(f"drpo_delta{where}: the form is {d['form']}, not drpo (set loss_form=drpo first)")
+    d["form.delta"] = v
+
+
+_SEQ_OFF = dict(estimator="binary_kl", delta=INF, reduce="max", policy="current", sides="all")
+_BEHAVIOR_OFF = dict(low=0.0, high=INF, cap=INF)
+# The flat Method's field names (before issue 23) and where each now lives.
+_LEGACY = {
+    "ratio_cap": lambda d, v, w: _set(d, "cap", v, w),
+    "estimator": _estimator,
+    "delta_low": _threshold("low"),
+    "delta_high": _threshold("high"),
+    "mask_sides": _mask_field("sides", "away"),
+    "relax_low_below": _mask_field("relax_low_below", 0),
+    "relax_high_below": _mask_field("relax_high_below", 0),
+    "loss_form": lambda d, v, w: _set(d, "form", v, w),
+    "drpo_delta": _drpo_delta,
+    "kl_coef": _kl_coef,
+    **{f"behavior_{f}": _gate_field("behavior", f, _BEHAVIOR_OFF) for f in ("low", "high", "cap")},
+    **{f"seq_{f}": _gate_field("sequence", f, _SEQ_OFF) for f in ("estimator", "delta", "reduce", "policy", "sides")},
+}
+
+
+def _build(d: dict, where: str = "") -> Method:
+    """The Method of a flat form; a gate switched off by its flat "off" values (sequence δ = inf, behaviour band and
+    cap at 0/inf/inf) is dropped, as the flat Method treated them."""
+    gates: list = []
+    for kind in d["gates"]:
+        kw = {f: d[f"gates.{kind}.{f}"] for f in _defaults(GATES[kind])}
+        if (kind == "sequence" and kw["delta"] == INF) or (kind == "behavior" and kw == _BEHAVIOR_OFF):
+            continue
+        gates.append(GATES[kind](**kw))
+
+    def part(p: str):
+        kind = d[p]
+        return None if kind == "none" and p == "penalty" else _PARTS[p][kind](
+            **{f: d[f"{p}.{f}"] for f in _defaults(_PARTS[p][kind])})
+
+    try:
+        return Method(name=d["name"], anchor=d["anchor"], mask=part("mask"), cap=d["cap"], form=part("form"),
+                      gates=tuple(gates), penalty=part("penalty"), aggregation=d["aggregation"],
+                      max_len_norm=d["max_len_norm"], topk=d["topk"])
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{e}{where}") from None
+
+
+def _num(key: str, v: object) -> object:
+    """method.json's "inf" (JSON has no infinity) as the float it stands for."""
+    return float(v) if key != "name" and isinstance(v, str) and v in ("inf", "-inf") else v
+
+
+def _with(m: Method, changes: dict[str, object], where: str = "") -> Method:
+    d = {k: _num(k, v) for k, v in method_to_dict(m).items()}
+    for k, v in changes.items():
+        _set(d, k, _num(k, v), where)
+    return _build(d, where)
+
+
 def replace(method: Method | str, **changes: object) -> Method:
-    """``dataclasses.replace`` that also accepts a preset name."""
-    return dataclasses.replace(get_method(method), **changes)  # type: ignore[arg-type]
+    """``method`` (a Method or preset name) with ``changes``: dotted paths (``**{"mask.delta_low": 0.2}``) or the
+    flat names of before issue 23 (``delta_low=0.2, ratio_cap=5.0``). An unknown field or a change that does not fit
+    the method's parts is a ValueError that names it."""
+    return _with(get_method(method), changes) if changes else get_method(method)
 
 
-def method_from_spec(spec: str, **changes: object) -> Method:
-    """A Method from ``"NAME"`` or ``"NAME@field=value,field=value"`` (``"cispo@ratio_cap=3"``), then ``changes``.
-    Values are parsed as int, float (``inf`` included) or string; an unknown preset or field is a ValueError that
-    names it."""
+def _value(v: str) -> object:
+    v = v.strip()
+    try:
+        return int(v) if v.lstrip("-").isdigit() else float(v)
+    except ValueError:
+        return v
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``"NAME@key=value,key=value"`` → (NAME, {key: value}); values parsed as int, float (``inf`` included) or
+    string. The one parser of method specs (``dppo train --method``, ``dppo compare --methods``)."""
     name, _, rest = spec.partition("@")
     over: dict[str, object] = {}
     for kv in filter(None, rest.split(",")):
         k, eq, v = kv.partition("=")
         if not eq:
             raise ValueError(f"bad override {kv!r} in {spec!r}: expected field=value")
-        try:
-            val: object = int(v) if v.strip().lstrip("-").isdigit() else float(v)
-        except ValueError:
-            val = v.strip()
-        over[k.strip()] = val
+        over[k.strip()] = _value(v)
+    return name.strip(), over
+
+
+def method_from_spec(spec: str, **changes: object) -> Method:
+    """A Method from ``"NAME"`` or ``"NAME@key=value,…"`` (``"cispo@ratio_cap=3"``, ``"kpop@penalty.coef=1e-3"``),
+    then ``changes``; with overrides the name becomes the spec (logs say what was overridden). An unknown preset or
+    field, or an override that does not fit the parts, is a ValueError that names it."""
+    name, over = parse_spec(spec)
     if over:
-        over.setdefault("name", spec)  # the label in logs says what was overridden
+        over = {"name": spec, **over}
     over.update(changes)
-    m = get_method(name.strip())
-    known = {f.name for f in dataclasses.fields(Method)}
-    bad = sorted(set(over) - known)
-    if bad:
-        raise ValueError(f"unknown Method field(s) {', '.join(bad)} in {spec!r}; fields: {', '.join(sorted(known))}")
-    return dataclasses.replace(m, **over) if over else m  # type: ignore[arg-type]
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(PRESETS)}")
+    return _with(PRESETS[name], over, f" in {spec!r}") if over else PRESETS[name]
+
+
+def method_from_dict(d: dict[str, object]) -> Method:
+    """The Method a ``method.json`` records: :func:`method_to_dict`'s form (any subset of its keys, applied in order
+    onto the default Method) or the flat form dppo wrote before issue 23 (``estimator``, ``delta_low``, …)."""
+    d = {k: _num(k, v) for k, v in d.items()}
+    if "mask" not in d and "estimator" in d:
+        d = _from_flat(d)
+    return _with(Method(), d, " in method.json")
+
+
+def _from_flat(d: dict[str, object]) -> dict[str, object]:
+    """The flat Method's fields (before issue 23) without those its parts do not have: thresholds of no mask,
+    relaxations of a divergence mask, DRPO's δ on another form, gates at their "off" values."""
+    est = d.get("estimator")
+    drop = set()
+    if est == "none":
+        drop |= {"delta_low", "delta_high", "mask_sides"}
+    if est != "ratio":
+        drop |= {"relax_low_below", "relax_high_below"}
+    if d.get("loss_form", "is") != "drpo":
+        drop.add("drpo_delta")
+    if d.get("seq_delta", INF) == INF:
+        drop |= {k for k in d if k.startswith("seq_")}
+    if all(d.get(f"behavior_{k}", v) == v for k, v in _BEHAVIOR_OFF.items()):
+        drop |= {k for k in d if k.startswith("behavior_")}
+    return {k: v for k, v in d.items() if k not in drop}

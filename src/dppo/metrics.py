@@ -1,4 +1,5 @@
-"""One registry of every metric dppo logs: its name, what it means, and how it is pooled.
+"""One registry of every metric dppo logs: its name, what it means, how it is pooled, and (for the loss's metrics)
+how it is computed from one batch.
 
 The loss (:func:`dppo.policy_loss`) returns per-call metrics; the trainer pools them over the micro-batches and
 mini-batches of a step; the step record goes to ``metrics.jsonl``, TensorBoard and W&B; ``dppo plot`` and
@@ -18,9 +19,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-__all__ = ["Metric", "LOSS_METRICS", "STEP_METRICS", "METRICS", "MetricPool", "describe"]
+import torch
+from torch import Tensor
+
+from dppo import divergence as div
+from dppo.parts import INF, MAX_LOG_RATIO
+
+if TYPE_CHECKING:
+    from dppo.methods import Method
+    from dppo.token_loss import TokenContext, TokenTerms
+
+__all__ = ["Metric", "LOSS_METRICS", "STEP_METRICS", "METRICS", "MetricPool", "describe", "loss_metrics"]
 
 Pool = Literal["token", "seq", "max", "min", "update", "last"]
 
@@ -30,39 +41,101 @@ class Metric:
     name: str
     meaning: str
     pool: Pool = "last"  # how the trainer pools per-call values within a step ("last": a step-level value)
+    of: Callable[[LossBatch], Tensor] | None = None  # a loss metric's value on one batch (LOSS_METRICS only)
 
 
-def _table(pool_and_meaning: dict[str, tuple[Pool, str]]) -> dict[str, Metric]:
-    return {k: Metric(k, meaning, pool) for k, (pool, meaning) in pool_and_meaning.items()}
+def _table(rows: dict[str, tuple]) -> dict[str, Metric]:
+    """{name: (pool, meaning)} or {name: (pool, meaning, value of a batch)} → {name: Metric}."""
+    return {k: Metric(k, meaning, pool, *of) for k, (pool, meaning, *of) in rows.items()}
 
 
-# What dppo.policy_loss returns (logged as loss/<name>; the first mini-batch's again as mismatch/<name>).
+class LossBatch:
+    """The per-token quantities of one policy-loss call that its metrics read ([B, T], ``lp`` detached), with
+    reductions over the response tokens: ``mean`` (a token mean; padding may hold inf, so it is filled, not
+    multiplied), ``max``/``min`` (0 for a batch without a response token)."""
+
+    def __init__(self, m: Method, loss: Tensor, lp: Tensor, ctx: TokenContext, terms: TokenTerms, seq_over: Tensor,
+                 resp: Tensor):
+        self.m, self.loss, self.lp, self.ctx, self.terms = m, loss, lp, ctx, terms
+        self.seq_over, self.resp = seq_over, resp
+        lmu = ctx.rollout_logp
+        self.n = resp.sum()
+        self.denom = self.n.clamp(min=1).float()
+        self.diff = torch.exp(lp) - torch.exp(lmu)
+        self.absdiff = div.binary_tv(lp, lmu)
+        self.masked = (terms.mask == 0) & resp
+        self.up = lp > ctx.anchor_logp
+        self.has_seq = resp.any(dim=-1)
+        self.b = torch.exp((ctx.anchor_logp - lmu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # behaviour ratio π_θ′/μ
+        self.log_r = (lp - lmu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        bw = m.behavior
+        self.band = (bw.low, bw.high, bw.cap) if bw is not None else (0.0, INF, INF)
+
+    def mean(self, x: Tensor) -> Tensor:
+        return x.float().masked_fill(~self.resp, 0.0).sum() / self.denom
+
+    def _ext(self, x: Tensor, largest: bool) -> Tensor:
+        v = x.masked_fill(~self.resp, float("-inf") if largest else float("inf"))
+        v = v.max() if largest else v.min()
+        return torch.where(self.n > 0, v, torch.zeros_like(v))
+
+    def max(self, x: Tensor) -> Tensor:
+        return self._ext(x, True)
+
+    def min(self, x: Tensor) -> Tensor:
+        return self._ext(x, False)
+
+
+# What dppo.policy_loss returns (logged as loss/<name>; the first mini-batch's again as mismatch/<name>): the one
+# list of the loss's metrics, each with its pooling rule, meaning and value.
 LOSS_METRICS = _table({
-    "loss": ("update", "the aggregated loss (mean per optimizer update)"),
-    "tokens": ("update", "response tokens per optimizer update"),
-    "abs_diff_mean": ("token", "mean |π(a_t) − μ(a_t)|: the paper's mismatch metric (Fig. 3)"),
-    "abs_diff_max": ("max", "max |π − μ|"),
-    "abs_diff_min": ("min", "min |π − μ|"),
-    "abs_dlogp_mean": ("token", "mean |log π(a_t) − log μ(a_t)| (open-instruct's vllm_vs_local_logprob_diff_mean)"),
-    "diff_max": ("max", "max of the signed π − μ (Fig. 3, 'Max & Min')"),
-    "diff_min": ("min", "min of the signed π − μ"),
-    "div_mean": ("token", "mean of the estimate the token mask thresholds ('ratio': |r − 1|; 'none': Binary-TV)"),
-    "div_max": ("max", "max of that estimate"),
-    "masked_frac": ("token", "fraction of tokens whose gradient the token mask removes (M_t = 0)"),
-    "masked_frac_pos": ("token", "… of them with Â > 0 and π pushed above the anchor (positive side)"),
-    "masked_frac_neg": ("token", "… of them with Â < 0 and π pushed below the anchor (negative side)"),
-    "ratio_mean": ("token", "mean r_t = π/μ"),
-    "ratio_max": ("max", "max r_t"),
-    "capped_frac": ("token", "fraction of tokens with r_t > C (IS weight truncated to C)"),
-    "seq_masked_frac": ("seq", "fraction of sequences whose sequence statistic exceeds seq_delta (TRM: dropped "
-                        "whole; VACO: their tokens moving away are dropped)"),
-    "seq_dropped_frac": ("token", "fraction of tokens the sequence gate drops"),
-    "behavior_masked_frac": ("token", "fraction of tokens whose behaviour ratio π_θ′/μ lies outside the IcePop band "
-                             "(weight 0)"),
-    "behavior_capped_frac": ("token", "fraction of tokens whose behaviour ratio π_θ′/μ is above behavior_cap (VACO: "
-                             "weight truncated)"),
-    "logratio_sq_mean": ("token", "mean (log π − log μ)²: IPO's penalty before its coefficient kl_coef"),
+    "loss": ("update", "the aggregated loss (mean per optimizer update)", lambda s: s.loss.detach().float()),
+    "tokens": ("update", "response tokens per optimizer update", lambda s: s.n.float()),
+    "abs_diff_mean": ("token", "mean |π(a_t) − μ(a_t)|: the paper's mismatch metric (Fig. 3)",
+                      lambda s: s.mean(s.absdiff)),
+    "abs_diff_max": ("max", "max |π − μ|", lambda s: s.max(s.absdiff)),
+    "abs_diff_min": ("min", "min |π − μ|", lambda s: s.min(s.absdiff)),
+    "abs_dlogp_mean": ("token", "mean |log π(a_t) − log μ(a_t)| (open-instruct's vllm_vs_local_logprob_diff_mean)",
+                       lambda s: s.mean((s.lp - s.ctx.rollout_logp).abs())),
+    "diff_max": ("max", "max of the signed π − μ (Fig. 3, 'Max & Min')", lambda s: s.max(s.diff)),
+    "diff_min": ("min", "min of the signed π − μ", lambda s: s.min(s.diff)),
+    "div_mean": ("token", "mean of the estimate the token mask thresholds (ratio mask: |r − 1|; no mask: "
+                 "Binary-TV)", lambda s: s.mean(s.terms.estimate)),
+    "div_max": ("max", "max of that estimate", lambda s: s.max(s.terms.estimate)),
+    "masked_frac": ("token", "fraction of tokens whose gradient the token mask removes (M_t = 0)",
+                    lambda s: s.mean(s.masked)),
+    "masked_frac_pos": ("token", "… of them with Â > 0 and π pushed above the anchor (positive side)",
+                        lambda s: s.mean(s.masked & (s.ctx.advantages > 0) & s.up)),
+    "masked_frac_neg": ("token", "… of them with Â < 0 and π pushed below the anchor (negative side; a mask with "
+                        "sides='any' also removes tokens counted in neither)",
+                        lambda s: s.mean(s.masked & (s.ctx.advantages < 0) & ~s.up)),
+    "ratio_mean": ("token", "mean r_t = π/μ", lambda s: s.mean(s.terms.ratio)),
+    "ratio_max": ("max", "max r_t", lambda s: s.max(s.terms.ratio)),
+    "capped_frac": ("token", "fraction of tokens with r_t > C (IS weight truncated to C)",
+                    lambda s: s.mean(s.terms.ratio > s.m.cap)),
+    "seq_masked_frac": ("seq", "fraction of sequences (with ≥ 1 response token) whose statistic crosses a sequence "
+                        "gate's threshold (TRM: dropped whole; VACO: their tokens moving away are dropped; "
+                        "off-policy sequence mask: dropped where Â < 0)",
+                        lambda s: (s.seq_over & s.has_seq).float().sum() / s.has_seq.float().sum().clamp(min=1.0)),
+    "seq_dropped_frac": ("token", "fraction of tokens the sequence gates weigh 0",
+                         lambda s: s.mean(s.ctx.seq_keep == 0)),
+    "behavior_masked_frac": ("token", "fraction of tokens whose behaviour ratio π_θ′/μ lies outside the "
+                             "BehaviorWeight band (IcePop: weight 0)",
+                             lambda s: s.mean((s.b < s.band[0]) | (s.b > s.band[1]))),
+    "behavior_capped_frac": ("token", "fraction of tokens whose behaviour ratio π_θ′/μ is above the BehaviorWeight "
+                             "cap (VACO: weight truncated)", lambda s: s.mean(s.b > s.band[2])),
+    "logratio_sq_mean": ("token", "mean (log π − log μ)²: the LogRatioPenalty before its coefficient (IPO, KPop, DRO)",
+                         lambda s: s.mean(s.log_r**2)),
 })
+
+
+def loss_metrics(m: Method, loss: Tensor, lp: Tensor, ctx: TokenContext, terms: TokenTerms, seq_over: Tensor,
+                 resp: Tensor) -> dict[str, float]:
+    """Every metric of :data:`LOSS_METRICS` for one batch, as floats (one device sync for all of them)."""
+    with torch.no_grad():
+        s = LossBatch(m, loss, lp, ctx, terms, seq_over, resp)
+        vals = torch.stack([metric.of(s).double() for metric in LOSS_METRICS.values()])  # type: ignore[misc]
+        return dict(zip(LOSS_METRICS, vals.tolist()))
 
 # What the trainer writes per step besides loss/* and mismatch/*.
 STEP_METRICS = _table({

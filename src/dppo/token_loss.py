@@ -1,162 +1,118 @@
-"""The per-token policy loss ℓ_t: a pure, elementwise function of log π_θ(a_t) with everything else detached.
+"""The per-token policy loss ℓ_t: a pure, elementwise function of log π_θ(a_t) with everything else detached,
+composed from the method's parts (:mod:`dppo.parts`).
 
-For every method and loss form, token t's loss depends on the policy only through x_t = log π_θ(a_t):
+For every method, token t's loss depends on the policy only through x_t = log π_θ(a_t):
 
-    r_t   = π_θ(a_t) / μ(a_t)                                   IS ratio against the rollout μ (always μ, Eq. 23)
-    D_t   = estimate of D(anchor(·|s_t) ‖ π(·|s_t))               the method's estimator (binary / top-K TV or KL, ratio)
-    M_t   = token mask(D_t, direction, Â_t)                        Eq. 12 (DPPO), PPO's ratio mask, or IPO's symmetric mask
-    b_t   = π_θ′(a_t) / μ(a_t),  B_t = band(b_t)·min(b_t, cap)/b_t behaviour weight (IcePop band, VACO cap); 1 if unused
-    S_t   = sequence gate (precomputed, per token)               TRM / VACO
-    ℓ_t   = −Â_t · sg(min(r_t, C)) · M_t · S_t · B_t · x_t                               "is" (Eq. 23), value −Â·min(r,C)·M·S·B
-          = −sg(min(r_t, C)/ρ_t) · S_t · B_t · min(ρ_t Â_t, clip(ρ_t, 1−ε_l, 1+ε_h) Â_t)  "ppo_clip", ρ_t = π/anchor
-          = (−Â_t ρ_t + |Â_t|·anchor(a_t)·(ρ_t − 1)²/(2δ)) · M_t · S_t                  "drpo" (DRPO, arXiv 2606.09821)
-          (+ κ · (x_t − log μ(a_t))²  on every response token when kl_coef κ > 0: IPO's penalty)
+    r_t   = π_θ(a_t) / μ(a_t),  w_t = min(r_t, C)               IS weight against the rollout μ (always μ, Eq. 23)
+    M_t, D_t = mask.apply(x_t, context)                          the token trust region and the estimate it thresholds
+    G_t   = S_t · Π token gates                                  S_t: the sequence gates, computed before (sequence_gate)
+    ℓ_t   = form.loss(x_t; Â_t, M_t, G_t, w_t) + penalty_t         e.g. IS (Eq. 23): −Â_t·sg(w_t)·M_t·G_t·x_t in value
+                                                                 −Â·w·M·G
 
-Because ℓ_t depends on token t alone, ∂L/∂x_t = w_t · ∂ℓ_t/∂x_t for L = Σ_t w_t ℓ_t (the aggregation weights of
-:func:`dppo.loss.aggregation_weights`), which is what lets :mod:`dppo.fused` compute the loss gradient tile by tile.
-Everything here works on any shape (e.g. [B, T] or flattened [N]) as long as the context tensors match ``logp``.
+Because ℓ_t depends on token t alone, ∂L/∂x_t = ω_t · ∂ℓ_t/∂x_t for L = Σ_t ω_t ℓ_t (the aggregation weights of
+:func:`dppo.aggregation.aggregation_weights`), which is what lets :mod:`dppo.fused` compute the loss gradient tile
+by tile. Everything here works on any shape (e.g. [B, T] or flattened [N]) as long as the context tensors match
+``logp``; the sequence gates need [B, T].
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from dppo import divergence as div
 from dppo.methods import Method
-from dppo.trust_region import dppo_mask, ratio_mask, sequence_mask
+from dppo.parts import MAX_LOG_RATIO, estimate
 
-__all__ = ["TokenContext", "TokenTerms", "token_loss", "estimate", "sequence_gate", "MAX_LOG_RATIO"]
-
-# exp(20) ≈ 4.9e8: keeps r finite in fp32 whatever the log-ratio (Stable-RL clamps the log-ratio at 20 as well).
-MAX_LOG_RATIO = 20.0
+__all__ = ["TokenContext", "TokenTerms", "token_loss", "token_context", "sequence_gate", "estimate", "MAX_LOG_RATIO"]
 
 
 class TokenContext(NamedTuple):
     """Everything token t's loss needs besides log π_θ(a_t); detached, in the loss dtype, shaped like ``logp``
-    (``topk_logp``/``rollout_topk_logp`` [..., K])."""
+    (``logp_at_rollout_topk``/``rollout_topk_logp`` [..., K])."""
 
     rollout_logp: Tensor  # log μ(a_t)
     anchor_logp: Tensor  # log anchor(a_t): μ (anchor="rollout") or π_θ′ (anchor="recompute")
     advantages: Tensor  # Â_t, broadcast per token
-    seq_keep: Tensor  # S_t ∈ {0, 1}: the sequence gate (all ones without one)
-    topk_logp: Tensor | None = None  # log π_θ at the rollout's top-K ids (mask only)
+    seq_keep: Tensor  # S_t: the sequence gates' weight (all ones without one)
+    logp_at_rollout_topk: Tensor | None = None  # log π_θ at the rollout's top-K ids (mask only)
     rollout_topk_logp: Tensor | None = None  # log μ at the same ids
     sampled_in: Tensor | None = None  # bool: a_t among those ids
+
+    @property
+    def topk_logp(self) -> Tensor | None:
+        """Deprecated name of ``logp_at_rollout_topk`` (log π_θ at the *rollout's* top-K ids, not π's own top-K)."""
+        return self.logp_at_rollout_topk
 
 
 class TokenTerms(NamedTuple):
     """Per-token outputs of :func:`token_loss`, all shaped like ``logp``."""
 
     loss: Tensor  # ℓ_t, differentiable in logp
-    mask: Tensor  # M_t (float, detached): the token trust-region mask (for "ppo_clip": its zero-gradient region)
-    estimate: Tensor  # D_t (detached): what the mask thresholds; Binary-TV as a diagnostic for estimator "none"
+    mask: Tensor  # M_t (detached): the token trust-region mask (for PPOClip: its zero-gradient region)
+    estimate: Tensor  # D_t (detached): what the mask thresholds; Binary-TV as a diagnostic without a mask
     ratio: Tensor  # r_t = π/μ (detached, log-ratio clamped at MAX_LOG_RATIO)
 
 
-def estimate(estimator: str, logp: Tensor, anchor_logp: Tensor, topk: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
-    """D_t for one estimator, fp32, no grad. Top-K uses the rollout's top-K (its μ log-probs) whatever the anchor."""
-    if estimator == "binary_tv" or estimator == "none":
-        return div.binary_tv(logp, anchor_logp)
-    if estimator == "binary_kl":
-        return div.binary_kl(logp, anchor_logp)
-    if estimator == "ratio":
-        return torch.expm1((logp - anchor_logp).clamp(max=MAX_LOG_RATIO)).abs()
-    if topk is None:
-        raise ValueError(f"estimator {estimator!r} needs the top-K log-probs (topk_logp, rollout_topk_logp, "
-                         "sampled_in_topk)")
-    fn = div.topk_tv if estimator == "topk_tv" else div.topk_kl
-    return fn(logp, anchor_logp, *topk)
-
-
-def _topk(ctx: TokenContext) -> tuple[Tensor, Tensor, Tensor] | None:
-    if ctx.topk_logp is None:
-        return None
-    return ctx.topk_logp, ctx.rollout_topk_logp, ctx.sampled_in  # type: ignore[return-value]
+def token_context(
+    m: Method, rollout_logp: Tensor, advantages: Tensor, old_logp: Tensor | None, rollout_topk_logp: Tensor | None,
+    sampled_in_topk: Tensor | None, dt: torch.dtype,
+) -> TokenContext:
+    """The detached per-token context of :func:`token_loss` for a [B, T] batch (no sequence gate yet, no log π_θ at
+    the top-K ids: the caller adds them)."""
+    lmu = rollout_logp.detach().to(dt)
+    anchor = old_logp.detach().to(dt) if m.anchor == "recompute" else lmu  # type: ignore[union-attr]
+    adv = advantages.detach().to(dt)
+    if adv.dim() == 1:
+        adv = adv[:, None].expand_as(lmu)
+    return TokenContext(
+        rollout_logp=lmu, anchor_logp=anchor, advantages=adv, seq_keep=torch.ones_like(lmu),
+        rollout_topk_logp=rollout_topk_logp.detach().float() if rollout_topk_logp is not None else None,
+        sampled_in=sampled_in_topk,
+    )
 
 
 def sequence_gate(
     m: Method, logp: Tensor | None, ctx: TokenContext, old_logp: Tensor | None, response_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The sequence gate S [B, T] (1 = kept; dtype of ``ctx.advantages``) and which sequences' statistic exceeds
-    ``seq_delta`` [B] (bool).
-
-    The statistic is ``seq_reduce`` over the response of ``seq_estimator`` between (p, q) = (π_θ, anchor) for
-    ``seq_policy="current"`` (TRM) or (π_θ′, μ) for ``"old"`` (VACO). A sequence over δ loses all its tokens
-    (``seq_sides="all"``) or those with sign(log p − log q)·Â > 0 (``"away"``). ``logp`` (detached) is only read
-    for ``"current"``, ``old_logp`` only for ``"old"``.
-    """
+    """S [B, T] = the product of the method's sequence gates (dtype of ``ctx.advantages``; ones without one), and
+    which sequences' statistic crossed a gate's threshold [B] (bool). ``logp`` (read detached) is needed only by
+    gates on the current policy (``m.single_pass`` False), ``old_logp`` by those on π_θ′."""
     adv = ctx.advantages
-    if not m.has_seq_gate:
-        return torch.ones_like(adv), torch.zeros(adv.shape[0], dtype=torch.bool, device=adv.device)
-    with torch.no_grad():
-        if m.seq_policy == "current":
-            assert logp is not None
-            p, q, topk = logp.detach(), ctx.anchor_logp, _topk(ctx)
-        else:
-            assert old_logp is not None
-            p, q, topk = old_logp.detach().to(adv.dtype), ctx.rollout_logp, None
-        d = estimate(m.seq_estimator, p, q, topk)
-        over = sequence_mask(d, response_mask, m.seq_delta, reduce=m.seq_reduce) == 0
-        drop = over[:, None].expand_as(adv)
-        if m.seq_sides == "away":
-            drop = drop & (torch.sign(p - q) * adv > 0)
-        return (~drop).to(adv.dtype), over
+    keep = torch.ones_like(adv)
+    over = torch.zeros(adv.shape[0], dtype=torch.bool, device=adv.device)
+    if m.sequence_gates:
+        with torch.no_grad():
+            lp = logp.detach() if logp is not None else None
+            for g in m.sequence_gates:
+                k, o = g.keep(lp, ctx, old_logp, response_mask)
+                keep, over = keep * k, over | o
+    return keep, over
 
 
 def token_loss(m: Method, logp: Tensor, ctx: TokenContext) -> TokenTerms:
-    """ℓ_t of method ``m`` for every token (module docstring for the forms), elementwise.
+    """ℓ_t of method ``m`` for every token (module docstring), elementwise.
 
     Args:
-        m: the method (its estimator, anchor, thresholds, cap, sides, behaviour band/cap, loss form, kl_coef).
+        m: the method (its parts).
         logp: [...] log π_θ(a_t), differentiable, float (the work is in ``promote(dtype, fp32)``).
-        ctx: :class:`TokenContext` with tensors shaped like ``logp`` (the sequence gate already applied per token).
+        ctx: :class:`TokenContext` with tensors shaped like ``logp`` (the sequence gates already in ``seq_keep``).
     Returns:
         :class:`TokenTerms`; ``loss`` has ∂loss_t/∂logp_t as its only dependence on ``logp``.
     """
     dt = torch.promote_types(logp.dtype, torch.float32)
     lp = logp.to(dt)
     lp_d = lp.detach()
-    lmu, anchor, adv, seq_keep = ctx.rollout_logp, ctx.anchor_logp, ctx.advantages, ctx.seq_keep
     with torch.no_grad():
         # IS weight against the rollout policy, truncated at C (Eq. 23). Clamped log-ratio keeps r finite.
-        ratio = torch.exp((lp_d - lmu).clamp(max=MAX_LOG_RATIO))
-        weight = ratio.clamp(max=m.ratio_cap)
-        est = estimate(m.estimator, lp_d, anchor, _topk(ctx))
-        if m.estimator == "none":
-            mask = torch.ones_like(lp_d)
-        elif m.estimator == "ratio":
-            mask = ratio_mask(lp_d, anchor, adv, m.delta_low, m.delta_high, relax_low_below=m.relax_low_below,
-                              relax_high_below=m.relax_high_below, sides=m.mask_sides).to(dt)
-        else:
-            mask = dppo_mask(est, lp_d, anchor, adv, m.delta_low, m.delta_high, sides=m.mask_sides).to(dt)
-        gate = seq_keep
-        if m.behavior_low > 0 or m.behavior_high != math.inf or m.behavior_cap != math.inf:
-            b = torch.exp((anchor - lmu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-            band = (b >= m.behavior_low) & (b <= m.behavior_high)
-            gate = gate * torch.where(band, b.clamp(max=m.behavior_cap) / b, torch.zeros_like(b))
-
-    if m.loss_form == "is":
-        # value −Â·M·min(r,C); gradient −Â·M·min(r,C)·∇log π, since exp(lp − sg(lp)) = 1 with gradient ∇lp.
-        loss = -adv * (mask * gate) * weight * torch.exp(lp - lp_d)
-    elif m.loss_form == "ppo_clip":
-        # PPO: −min(ρÂ, clip(ρ, 1−ε_l, 1+ε_h)Â), ρ = π/anchor, scaled by sg(min(r, C)/ρ) so the gradient where
-        # unclipped is −min(r, C)·Â·∇log π: the same as the "is" form (tested). With anchor="recompute" and C = ∞,
-        # min(r, C)/ρ = π_θ′/μ = b, the decoupled-PPO correction IcePop and VACO band or cap through ``gate``.
-        rho = torch.exp((lp - anchor).clamp(max=MAX_LOG_RATIO))
-        clipped = rho.clamp(1.0 - min(m.delta_low, 1.0), 1.0 + m.delta_high)
-        surrogate = torch.minimum(rho * adv, clipped * adv)
-        loss = -(weight / rho.detach()) * surrogate * gate
-    else:  # drpo
-        # −Â·ρ + |Â|·anchor·(ρ−1)²/(2δ); ∂/∂log π = −Â·ρ·(1 − sign(Â)(π − anchor)/δ) (DRPO, arXiv 2606.09821).
-        rho = torch.exp((lp - anchor).clamp(max=MAX_LOG_RATIO))
-        penalty = adv.abs() * torch.exp(anchor) * (rho - 1.0) ** 2 / (2.0 * m.drpo_delta)
-        loss = (-adv * rho + penalty) * (mask * gate)
-    if m.kl_coef > 0:
-        # κ·(log π − log μ)² (prime-rl kl_loss = log_importance_ratio**2 on the whole loss mask), gradient 2κ·log r.
-        log_r = (lp - lmu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-        loss = loss + m.kl_coef * log_r**2
+        ratio = torch.exp((lp_d - ctx.rollout_logp).clamp(max=MAX_LOG_RATIO))
+        weight = ratio.clamp(max=m.cap)
+        mask, est = m.mask.apply(lp_d, ctx)
+        gate = ctx.seq_keep
+        for g in m.token_gates:
+            gate = gate * g.weight(ctx)
+    loss = m.form.loss(m, lp, lp_d, ctx, mask, gate, weight)
+    if m.penalty is not None:
+        loss = loss + m.penalty.loss(lp, ctx)
     return TokenTerms(loss=loss, mask=mask, estimate=est, ratio=ratio)

@@ -80,15 +80,16 @@ def preset_overrides(name):
     m = dppo.get_method(name)
     out = {"policy_loss.loss_mode": f"dppo/{name}", "clip_ratio_c": m.ratio_cap}
     for side in ("low", "high"):
-        if math.isfinite(getattr(m, f"delta_{side}")):
-            out[f"clip_ratio_{side}"] = getattr(m, f"delta_{side}")
+        d = getattr(m, f"delta_{side}")  # None: no token mask
+        if d is not None and math.isfinite(d):
+            out[f"clip_ratio_{side}"] = d
     return out
 
 
 def verl_batch(seed=3, b=6, t=7):
     """verl-shaped float64 tensors: [B, T] right-padded response_mask (one empty row), old_log_prob = μ, log_prob a
     leaf, token advantages constant per sequence (GRPO) of both signs. Rows 0, 2, 4 have tokens where π is far from
-    μ (every mask acts there, TRM drops those rows), rows 1, 5 only small moves."""
+    μ (every mask acts there, TRM drops those rows; in row 2, Â < 0, π fell 20-fold), rows 1, 5 only small moves."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.arange(t)[None] < torch.tensor([7, 5, 4, 0, 6, 3])[:b, None]
     p_mu = torch.rand(b, t, generator=g, dtype=torch.float64) * 0.9 + 0.05
@@ -96,6 +97,7 @@ def verl_batch(seed=3, b=6, t=7):
     far[[0, 2, 4]] = torch.arange(t) % 2 == 0
     p_pi = torch.where(far, torch.rand(b, t, generator=g, dtype=torch.float64) * 0.98 + 0.01,
                        p_mu * torch.exp(0.05 * torch.randn(b, t, generator=g, dtype=torch.float64))).clamp(max=0.999)
+    p_pi[2] = torch.where(far[2], p_mu[2] / 20, p_pi[2])  # Â < 0 and mean log(μ/π) > 0.5: the off-policy mask drops it
     adv = torch.tensor([1.0, -0.5, -1.2, 0.8, 0.6, -0.9], dtype=torch.float64)[:b, None].expand(b, t).clone()
     return p_mu.log(), p_pi.log().requires_grad_(), adv, mask
 
@@ -176,7 +178,7 @@ def test_registered_loss_equals_policy_loss(name, mode, info):
     assert metrics["actor/pg_clipfrac"] == pytest.approx(ref_metrics["masked_frac"])
     m = dppo.get_method(name)  # the batch must exercise what the preset does
     assert ref_metrics["masked_frac"] > 0 or m.estimator == "none"
-    assert ref_metrics["seq_masked_frac"] > 0 or not math.isfinite(m.seq_delta)
+    assert ref_metrics["seq_masked_frac"] > 0 or not any(g.KIND in ("sequence", "offpolicy") for g in m.gates)
     assert ref_metrics["capped_frac"] > 0 or not math.isfinite(m.ratio_cap)
 
 
@@ -189,7 +191,7 @@ def test_rollout_is_weights_scale_each_token(name):
     cfg = actor_config(**preset_overrides(name))
     mu, logp, adv, mask = verl_batch(seed=1)
     w = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
-    if math.isfinite(m.seq_delta):
+    if m.has_seq_gate:
         w = w[:, :1].expand_as(w).clone()
     with pytest.warns(UserWarning, match="decoupled mode"):
         loss, grad, _ = call(get_policy_loss_fn(f"dppo/{name}"), cfg, mu, logp, adv, mask, "token-mean", w)
@@ -198,7 +200,7 @@ def test_rollout_is_weights_scale_each_token(name):
     unit = replace(dverl.method_for(name, cfg, warn=False), aggregation="sum")
     n = mask.sum()
     for b in range(mask.shape[0]):
-        cols = [slice(None)] if math.isfinite(m.seq_delta) else [slice(t, t + 1) for t in range(mask.shape[1])]
+        cols = [slice(None)] if m.has_seq_gate else [slice(t, t + 1) for t in range(mask.shape[1])]
         for c in cols:
             if not mask[b, c].any():
                 continue

@@ -54,7 +54,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import dppo
 from dppo.engines import HFEngine
 from dppo.hf.model import DTYPES
-from dppo.methods import Method, replace
+from dppo.methods import Method, method_from_spec
 from dppo.rollout import Rollout, SamplingParams
 
 __all__ = ["DPPOConfig", "DPPOTrainer", "hf_rollout", "VLLMRollout", "server_logprobs_mode", "TESTED_TRL",
@@ -75,7 +75,8 @@ if trl.__version__ not in TESTED_TRL:
 # GRPOConfig options that GRPOTrainer's loss reads and dppo's loss replaces: a value other than TRL's default is
 # refused (it would be silently ignored), with what to use instead.
 _REPLACED = {
-    "loss_type": ("dapo", "the loss is dppo's `method` (a preset name, see dppo.PRESETS)"),
+    "loss_type": ("dapo", "the loss is dppo's `method` (a preset name, see dppo.PRESETS; TRL's 'vespo' is preset "
+                          "'vespo')"),
     "epsilon": (0.2, "set delta_low / delta_high (they are ε for the ratio presets grpo, minirl, relax-*)"),
     "epsilon_high": (None, "set delta_high"),
     "delta": (None, "set ratio_cap (C in min(π/μ, C))"),
@@ -84,7 +85,9 @@ _REPLACED = {
     "top_entropy_quantile": (1.0, "dppo's loss has no entropy mask"),
     "entropy_coef": (0.0, "dppo's loss has no entropy bonus"),
     "use_adaptive_entropy": (False, "dppo's loss has no entropy bonus"),
-    "off_policy_mask_threshold": (None, "the trust region is the method's mask (e.g. trm for a sequence mask)"),
+    "off_policy_mask_threshold": (None, "this mask is preset 'offpolicy-seq-mask' (δ: method="
+                                  "'offpolicy-seq-mask@gates.offpolicy.delta=…'), or add gates.offpolicy.delta=… to "
+                                  "any preset's spec"),
     "vllm_importance_sampling_correction": (
         False, "dppo applies its own IS weight min(π/μ, C) against μ (Eq. 23); TRL's would weight the loss twice"),
     "use_transformers_continuous_batching": (False, "its generate_batch returns no log-probs, so μ would be missing"),
@@ -100,7 +103,9 @@ class DPPOConfig(GRPOConfig):
     min(π/μ, C) against the rollout μ itself (Eq. 23), so TRL's correction would be applied on top of it.
     """
 
-    method: str = field(default="dppo-binary-tv", metadata={"help": "dppo preset name (dppo.PRESETS)"})
+    method: str = field(default="dppo-binary-tv", metadata={
+        "help": "dppo preset name (dppo.PRESETS), optionally with overrides: NAME@field=value,... "
+                "(e.g. 'kpop@penalty.coef=1e-3')"})
     delta_low: float | None = field(default=None, metadata={"help": "override δ of the negative side (ε for ratio)"})
     delta_high: float | None = field(default=None, metadata={"help": "override δ of the positive side"})
     ratio_cap: float | None = field(default=None, metadata={"help": "override the IS cap C (inf = none)"})
@@ -134,7 +139,7 @@ class DPPOConfig(GRPOConfig):
         micro-batch losses of an accumulation window add up to the window's loss whatever their padded lengths."""
         keys = ("delta_low", "delta_high", "ratio_cap", "topk", "aggregation")
         over = {k: v for k in keys if (v := getattr(self, k)) is not None}
-        m = replace(self.method, **over)
+        m = method_from_spec(self.method, **over)
         if m.aggregation == "seq-mean-token-sum-norm" and m.max_len_norm is None:
             m = dataclasses.replace(m, max_len_norm=self.max_completion_length)
         return m

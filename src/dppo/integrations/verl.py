@@ -6,9 +6,10 @@ left at "auto"; :mod:`dppo.integrations.verl_plugin` turns an import failure int
 
     μ        = old_log_prob           the rollout log-probs when ``algorithm.rollout_correction.bypass_mode=True``
                                       (verl then sets old_log_probs = rollout_log_probs); the recomputed π_old otherwise
-    δ_low/high = actor.clip_ratio_low/high   for every side the preset thresholds (its finite δ's)
+    δ_low/high = actor.clip_ratio_low/high   for every side the preset's token mask thresholds (its finite δ's or ε's)
     C        = actor.clip_ratio_c as verl reads it (its own dppo_tv/dppo_kl cap there); null: the preset's cap
-               (∞ for DPPO, 5 for CISPO, …; verl's schema has no "unset", its default is 3.0)
+               (∞ for DPPO, 5 for CISPO, …; verl's schema has no "unset", its default is 3.0). Not read for a
+               form without an IS weight (drpo, vespo, dro)
     loss     = agg_loss(ℓ, response_mask, actor.loss_agg_mode, **config.global_batch_info)   verl's own aggregation
 
 **μ checked at the loss.** A registered loss sees the actor config and the tensors, not ``algorithm``; in verl's
@@ -47,6 +48,7 @@ except ImportError as e:  # pragma: no cover
 
 import dppo
 from dppo.methods import PRESETS, Method, get_method, replace
+from dppo.parts import IS, NoMask, PPOClip
 
 __all__ = ["register", "check_config", "method_for", "refusal", "load_verl_config", "TESTED_VERL", "TOPK_MISSING",
            "MU_UNCONFIRMED", "BYPASS_OVERRIDES"]
@@ -108,24 +110,29 @@ def _get(config: Any, key: str, default: Any) -> Any:
     return default if v is None else v
 
 
+def _reads_cap(m: Method) -> bool:
+    """Whether the method's form has an IS weight min(π/μ, C) for ``clip_ratio_c`` to cap (DRPO and PG have none)."""
+    return isinstance(m.form, (IS, PPOClip))
+
+
 def method_for(preset: Method | str, config: Any, *, warn: bool = True) -> Method:
-    """The preset with δ from ``clip_ratio_low/high`` (the sides it thresholds) and the cap C from ``clip_ratio_c``
-    (verl's field, read as verl's own dppo_tv reads it), or the preset's own C where ``clip_ratio_c`` is null. Warns
-    where verl's defaults would mislead."""
+    """The preset with δ from ``clip_ratio_low/high`` (the sides its token mask thresholds) and the cap C from
+    ``clip_ratio_c`` (verl's field, read as verl's own dppo_tv reads it), or the preset's own C where
+    ``clip_ratio_c`` is null or the form has no IS weight. Warns where verl's defaults would mislead."""
     m = get_method(preset)
     sym = _get(config, "clip_ratio", VERL_CLIP_RATIO)
     low, high = _get(config, "clip_ratio_low", sym), _get(config, "clip_ratio_high", sym)
     over: dict[str, float] = {}
-    if m.estimator != "none":  # a thresholded mask: divergence (δ) or ratio (ε)
-        if math.isfinite(m.delta_low):
+    if not isinstance(m.mask, NoMask):  # a thresholded mask: divergence (δ) or ratio (ε)
+        if math.isfinite(m.delta_low):  # type: ignore[arg-type]
             over["delta_low"] = float(low)
-        if math.isfinite(m.delta_high):
+        if math.isfinite(m.delta_high):  # type: ignore[arg-type]
             over["delta_high"] = float(high)
         if warn and low == high == VERL_CLIP_RATIO and (m.delta_low, m.delta_high) != (low, high):
             _warn(f"dppo/{m.name}: actor.clip_ratio_low/high are verl's PPO defaults ({VERL_CLIP_RATIO}) and are "
                   f"read as δ; the preset's own are {m.delta_low}/{m.delta_high}. Set them explicitly.")
     cap = _raw(config, "clip_ratio_c", VERL_CLIP_RATIO_C)
-    if cap is not None:
+    if cap is not None and _reads_cap(m):
         over["ratio_cap"] = float(cap)
         if warn and float(cap) == VERL_CLIP_RATIO_C and m.ratio_cap != VERL_CLIP_RATIO_C:
             _warn(f"dppo/{m.name}: actor.clip_ratio_c = 3.0 (verl's default, dual-clip PPO's constant) is used as the "
@@ -150,10 +157,11 @@ def _state_once(name: str, m: Method, config: Any, mu: str) -> None:
         return
     _STATED.add((name, mu))
     cap = _raw(config, "clip_ratio_c", VERL_CLIP_RATIO_C)
+    source = ("the preset's: actor.clip_ratio_c is null)" if cap is None else "from actor.clip_ratio_c)"
+              if _reads_cap(m) else f"the {m.form.KIND} form has no IS weight: actor.clip_ratio_c is not read)")
     logger.warning(f"{name}: μ = old_log_prob, {mu}; δ_low/high = {m.delta_low}/{m.delta_high} (from "
                    f"actor.clip_ratio_low/high where the preset thresholds a side); C = {m.ratio_cap} ("
-                   + ("the preset's: actor.clip_ratio_c is null)" if cap is None else "from actor.clip_ratio_c)")
-                   + "; aggregation: verl's agg_loss, actor.loss_agg_mode")
+                   + source + "; aggregation: verl's agg_loss, actor.loss_agg_mode")
 
 
 def _agg_weights(mask: torch.Tensor, mode: str, info: dict, dtype: torch.dtype) -> torch.Tensor:

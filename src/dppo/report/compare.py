@@ -46,22 +46,12 @@ __all__ = ["parse_method_spec", "main", "RUNNER"]
 RUNNER = "{python} -m dppo train --method {spec} --seed {seed} --out {run_dir}"
 
 def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """``"cispo@ratio_cap=3,delta_low=inf"`` → ("cispo", {"ratio_cap": 3.0, "delta_low": inf})."""
-    name, _, rest = spec.partition("@")
-    over: dict = {}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        if not _:
-            raise ValueError(f"bad override {kv!r} in {spec!r}: expected key=value")
-        try:
-            val: object = int(v) if v.lstrip("-").isdigit() else float(v)
-        except ValueError:
-            val = v
-        over[k.strip()] = val
-    from dppo.methods import method_from_spec
+    """``"cispo@ratio_cap=3,delta_low=inf"`` → ("cispo", {"ratio_cap": 3, "delta_low": inf}), by
+    :func:`dppo.methods.parse_spec`; unknown presets and bad fields fail here, before any run starts."""
+    from dppo.methods import method_from_spec, parse_spec
 
-    method_from_spec(spec)  # unknown presets and bad fields fail here, before any run starts
-    return name, over
+    method_from_spec(spec)
+    return parse_spec(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

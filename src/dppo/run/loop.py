@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, log, dist) -> list[dict]:
         if dist.is_main:
             save_config(cfg, os.path.join(cfg.out, "config.json"))
             with open(os.path.join(cfg.out, "method.json"), "w") as f:
-                json.dump({k: _jsonable(v) for k, v in dataclasses.asdict(trainer.method).items()}, f, indent=2)
+                json.dump(trainer.method.to_dict(), f, indent=2)  # dppo.methods.method_from_dict reads it back
             record_machine(cfg.out, start, log, **machine)
             mlog = MetricsLog(cfg.out, resume_step=start if resuming else None, tensorboard=cfg.log.tensorboard,
                               report_to=cfg.log.report_to, config=config_dict(cfg), log=log)

@@ -14,8 +14,9 @@ __all__ = ["validate", "resolve_method"]
 
 
 def resolve_method(cfg: TrainConfig, max_new_tokens: int | None = None) -> Method:
-    """The one Method a run uses: the preset of ``--method`` (with its ``@field=value`` overrides), then the
-    ``--delta_low/--delta_high/--ratio_cap/--aggregation`` overrides. With ``max_new_tokens``, the Dr.GRPO length
+    """The one Method a run uses: the preset of ``--method`` (with its ``@key=value`` overrides: dotted paths into the
+    parts or the flat names, :func:`dppo.methods.method_from_spec`), then the
+    ``--delta_low/--delta_high/--ratio_cap/--aggregation`` overrides (δ of a divergence mask, ε of a ratio mask). With ``max_new_tokens``, the Dr.GRPO length
     normaliser L of ``seq-mean-token-sum-norm`` is fixed to the response cap (a constant, as in Dr.GRPO), so the
     loss scale does not depend on how long the longest sample of a batch happened to be."""
     mc = cfg.method
