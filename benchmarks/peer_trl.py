@@ -151,8 +151,9 @@ def _cases():
     rescaled gradients must agree to rounding, which checks the stated explanation of each difference.
     """
     from dppo import PRESETS
+    from dppo import methods as dppo_methods
 
-    rep = dataclasses.replace
+    rep = dppo_methods.replace
     return [
         ("grpo ε=0.2 · aggregation matched",
          dict(loss_type="grpo", epsilon=0.2), rep(PRESETS["grpo"], aggregation="seq-mean-token-mean"), "agree",
@@ -209,7 +210,7 @@ def loss_agreement(dtypes=(torch.float64, torch.float32), seeds=(0, 1, 2)) -> li
                     worst_fixed = max(worst_fixed, fixed / max(g2.double().abs().max().item(), 1e-30))
             tol = 1e-12 if dtype == torch.float64 else 1e-6
             rows.append(dict(
-                case=label, trl=trl_kw, dppo=dataclasses.asdict(method), dtype=str(dtype).replace("torch.", ""),
+                case=label, trl=trl_kw, dppo=method.to_dict(), dtype=str(dtype).replace("torch.", ""),
                 max_abs_grad_diff=worst_abs, max_rel_grad_diff=worst_rel, expected=expect, agree=worst_rel <= tol,
                 explanation=why, seeds=list(seeds),
                 rel_diff_after_stated_fix=(worst_fixed if rescale is not None else None),
