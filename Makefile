@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test demo bench clean
+.PHONY: run test test-fast demo bench clean
 
 run:
 	@bash scripts/bootstrap.sh train
@@ -19,12 +19,20 @@ demo:
 # DPPO_REQUIRE_VLLM turns a missing vllm into a failure instead of a skip.
 # triton: the fused loss's Triton kernels run on CPU under Triton's interpreter, which TRITON_INTERPRET=1 must select
 # before triton is first imported: hence their own pytest call (~10 s; in the first call they are skipped).
+# Two pytest workers (pytest-xdist), one test file each at a time (--dist loadfile: a file's module fixtures are built
+# once); tests/conftest.py puts the heaviest system files first.
+TEST_WORKERS ?= 2
 test:
 	@bash scripts/bootstrap.sh test,train,lora,wandb,trl,vllm,triton
 	@bash scripts/verl_venv.sh
-	DPPO_REQUIRE_VLLM=1 $(PY) -m pytest -q tests
+	DPPO_REQUIRE_VLLM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 	TRITON_INTERPRET=1 DPPO_REQUIRE_TRITON=1 $(PY) -m pytest -q tests/test_triton_tiles.py
 	DPPO_REQUIRE_VERL=1 .venv-verl/bin/python -m pytest -q tests/integrations_verl
+
+# The inner loop: the unit tests only (tests/conftest.py says which files are system tests), under a minute.
+test-fast:
+	@bash scripts/bootstrap.sh test,train
+	$(PY) -m pytest -q -m unit tests
 
 # Peer and trainer benchmarks (minutes; installs trl). The token-statistics benchmark (30 min) runs on its own:
 #   .venv/bin/python benchmarks/token_stats.py

@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dppo.run.machine import machine_info, machine_line  # noqa: E402
-from dppo.run.metrics_log import read_metrics  # noqa: E402
+from dppo.rundir.machine import machine_info, machine_line  # noqa: E402
+from dppo.rundir.metrics_log import read_metrics  # noqa: E402
 
 JOBS = {
     "default": dict(steps=40, args=[]),

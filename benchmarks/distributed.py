@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from dppo.run.machine import machine_info, machine_line
-from dppo.run.metrics_log import read_metrics
+from dppo.rundir.machine import machine_info, machine_line
+from dppo.rundir.metrics_log import read_metrics
 
 SAMPLED = ("reward", "accuracy", "response_len", "tokens", "truncated_frac")
 SUMS = ("loss/loss", "grad_norm", "grad_norm_max", "entropy")

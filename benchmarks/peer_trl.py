@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dppo.run.machine import machine_info
+from dppo.rundir.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

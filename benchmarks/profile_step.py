@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from dppo.run.cli import parse_config  # noqa: E402
-from dppo.run.machine import machine_info, machine_line  # noqa: E402
+from dppo.rundir.machine import machine_info, machine_line  # noqa: E402
 from dppo.run.trainer import Trainer  # noqa: E402
 
 VARIANTS = {"before": ["--no-fused_loss", "--no-share_prompts"], "after": []}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from dppo.run.config import make_config
-from dppo.run.machine import machine_info, machine_line
+from dppo.rundir.machine import machine_info, machine_line
 from dppo.hf.model import build_tiny_model, load_model, response_stats
 from dppo.engines import HFEngine
 from dppo.rollout import SamplingParams, encode_prompts

@@ -40,7 +40,7 @@ import torch
 from dppo.engines import HFEngine
 from dppo.hf.model import build_char_tokenizer, build_tiny_model
 from dppo.rollout import SamplingParams, encode_prompts
-from dppo.run.machine import machine_info, machine_line
+from dppo.rundir.machine import machine_info, machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout_throughput.json"
 G = 8

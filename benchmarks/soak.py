@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 def summarize(samples: list[dict], from_step: int, wall: float | None, command: str) -> dict:
     """RSS growth from ``from_step`` to the last sample, and the step-time drift (last 10 % over steps
     from_step … 2·from_step)."""
-    from dppo.run.machine import machine_info, machine_line
+    from dppo.rundir.machine import machine_info, machine_line
 
     steps = [s for s in samples if s["step"] >= 1]
     base = next(s for s in steps if s["step"] >= from_step)

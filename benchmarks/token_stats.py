@@ -384,7 +384,7 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     data = full(parse_plan(a.plan))
-    from dppo.run.machine import machine_info, machine_line
+    from dppo.rundir.machine import machine_info, machine_line
 
     data["machine"] = f"{machine_line(machine_info())}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}"
     cmd = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')} nice .venv/bin/python benchmarks/token_stats.py"

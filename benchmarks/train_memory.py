@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child is not None:
         print(json.dumps(child(a.child, a.steps, a.model_args)))
         return 0
-    from dppo.run.machine import machine_info, machine_line
+    from dppo.rundir.machine import machine_info, machine_line
 
     from dppo.run.cli import parse_config
     from dppo.run.warmup import warm_start_for

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from dppo.run.cli import parse_config
-from dppo.run.machine import machine_info, machine_line
+from dppo.rundir.machine import machine_info, machine_line
 from dppo.run.trainer import Trainer
 
 

@@ -78,7 +78,7 @@ def one_run(code: str, engine: str, nproc: int, src: str, model: str, out: str, 
     rows = []
     mpath = os.path.join(out, "run", "metrics.jsonl")
     if os.path.exists(mpath):
-        from dppo.run.metrics_log import read_metrics
+        from dppo.rundir.metrics_log import read_metrics
 
         rows = [x for x in read_metrics(mpath) if "time/step" in x][1:]  # the first step compiles and warms caches
     rss = {}
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "vllm_torchrun.json"))
     a = p.parse_args(argv)
     sys.path.insert(0, os.path.join(REPO, "src"))
-    from dppo.run.machine import machine_info, machine_line
+    from dppo.rundir.machine import machine_info, machine_line
 
     tmp = tempfile.mkdtemp(prefix="dppo-vllm-torchrun-")
     model = os.path.join(tmp, "model")

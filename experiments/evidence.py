@@ -99,8 +99,8 @@ def command(setting: str, method: str, seed: int) -> list[str]:
 
 def summarize(setting: str, method: str, seed: int, cmd: list[str], wall: float) -> dict:
     """The per-seed summary of a finished run (module docstring)."""
-    from dppo.run.machine import machine_line
-    from dppo.run.metrics_log import read_metrics
+    from dppo.rundir.machine import machine_line
+    from dppo.rundir.metrics_log import read_metrics
 
     run = RUNS / setting / method / f"seed{seed}"
     recs = read_metrics(str(run / "metrics.jsonl"))

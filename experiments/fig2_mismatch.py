@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from first_batch import ROOT, first_batch, make_trainer, update  # noqa: E402
 
 from dppo.divergence import binary_tv  # noqa: E402
-from dppo.run.machine import machine_info, machine_line  # noqa: E402
+from dppo.rundir.machine import machine_info, machine_line  # noqa: E402
 from dppo.trust_region import dppo_mask, ratio_mask  # noqa: E402
 
 BUCKETS = [(0.0, 1e-3), (1e-3, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0001)]

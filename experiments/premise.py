@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from first_batch import ROOT, first_batch, make_trainer  # noqa: E402
 
 from dppo.run.evaluate import evaluate  # noqa: E402
-from dppo.run.machine import machine_info, machine_line  # noqa: E402
+from dppo.rundir.machine import machine_info, machine_line  # noqa: E402
 
 
 class _Fixed:

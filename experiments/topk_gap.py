@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from first_batch import ROOT, first_batch, make_trainer, policy_logits, update  # noqa: E402
 
 from dppo import divergence as dv  # noqa: E402
-from dppo.run.machine import machine_info, machine_line  # noqa: E402
+from dppo.rundir.machine import machine_info, machine_line  # noqa: E402
 
 KS = (1, 5, 20, 50)
 DELTA = {"tv": 0.15, "kl": 0.05}

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dppo.run.metrics_log import read_metrics
+from dppo.rundir.metrics_log import read_metrics
 
 TIMING = ("time/", "tokens_per_s")  # wall-clock metrics: never equal between two runs
 

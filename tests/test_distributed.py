@@ -30,9 +30,9 @@ import pytest
 import torch
 
 import dist_worker
-from dppo.run.checkpoint import latest_step
+from dppo.checkpoint import latest_step
 from dppo.run.distributed import Local
-from dppo.run.metrics_log import read_metrics
+from dppo.rundir.metrics_log import read_metrics
 
 HERE = os.path.dirname(__file__)
 DATA = os.path.join(HERE, "data")
@@ -259,7 +259,7 @@ def test_sharded_checkpoint_and_final_model(runs, tmp_path, cache_dir):
     export to the parameter tolerance."""
     from transformers import AutoModelForCausalLM
 
-    from dppo.run.dist_checkpoint import load_dcp
+    from dppo.checkpoint.sharded import load_dcp
     from dppo.run.trainer import Trainer
 
     one, two, tmp = runs
@@ -295,8 +295,8 @@ def test_sharded_checkpoint_tampered_or_corrupt(runs, tmp_path, cache_dir):
     import pickle
     import shutil
 
-    from dppo.run.checkpoint import CheckpointLoadError, UnsafeCheckpointError, load_latest
-    from dppo.run.dist_checkpoint import load_dcp
+    from dppo.checkpoint import CheckpointLoadError, UnsafeCheckpointError, load_latest
+    from dppo.checkpoint.sharded import load_dcp
     from dppo.run.trainer import Trainer
 
     _, two, tmp = runs

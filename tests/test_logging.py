@@ -10,7 +10,7 @@ from dppo.loss import METRIC_KEYS
 from dppo.metrics import LOSS_METRICS, METRICS, describe
 from dppo.report.plot import PANELS
 from dppo.report.summary import DEFAULT_METRICS, SUMMARY_KEYS
-from dppo.run.metrics_log import read_metrics
+from dppo.rundir.metrics_log import read_metrics
 from test_trainer import tiny_cfg
 
 

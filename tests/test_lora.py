@@ -26,7 +26,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 from dppo.run.config import ConfigError  # noqa: E402
-from dppo.run.metrics_log import read_metrics  # noqa: E402
+from dppo.rundir.metrics_log import read_metrics  # noqa: E402
 from dppo.hf.model import load_model, response_stats  # noqa: E402
 from metrics_check import TIMING, assert_same_records  # noqa: E402
 from test_trainer import tiny_cfg  # noqa: E402
@@ -230,7 +230,7 @@ def test_core_does_not_import_peft():
     import subprocess
     import sys
 
-    code = ("import sys, dppo, dppo.run.trainer, dppo.rollout, dppo.hf.model, dppo.hf.lora, dppo.run.checkpoint; "
+    code = ("import sys, dppo, dppo.run.trainer, dppo.rollout, dppo.hf.model, dppo.hf.lora, dppo.checkpoint; "
             "print('peft' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert r.stdout.strip() == "False"

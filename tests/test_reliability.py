@@ -12,9 +12,9 @@ import re
 import pytest
 import torch
 
-from dppo.run.checkpoint import (CheckpointLoadError, CheckpointWriteError, UnsafeCheckpointError, latest_step,
-                                 list_checkpoints)
-from dppo.run.metrics_log import read_metrics
+from dppo.checkpoint import (CheckpointLoadError, CheckpointWriteError, UnsafeCheckpointError, latest_step,
+                             list_checkpoints)
+from dppo.rundir.metrics_log import read_metrics
 from metrics_check import TIMING
 from test_trainer import tiny_cfg
 
@@ -115,7 +115,7 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, cache_dir, monkeypatch, err):
-    import dppo.run.checkpoint as ck
+    import dppo.checkpoint.store as ck
 
     out = tmp_path / "run"
     real_save, calls = torch.save, {"n": 0}

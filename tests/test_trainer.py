@@ -18,7 +18,7 @@ import torch
 from dppo.methods import method_from_dict, replace
 from dppo.run.cli import parse_config
 from dppo.run.config import ConfigError, TrainConfig, config_dict, flat_names, make_config
-from dppo.run.metrics_log import read_metrics
+from dppo.rundir.metrics_log import read_metrics
 
 TINY = dict(hidden=32, layers=1, heads=2, warmup_steps=20, warmup_batch=32, task_digits=2, eval_per_level=10,
             prompts_per_step=4, group_size=4, minibatches=2, steps=3, eval_every=2, eval_samples=1, ckpt_every=2,
@@ -93,12 +93,16 @@ def test_help_lists_every_option_with_default_and_citation():
                        env={**os.environ, "COLUMNS": "200"})
     text = " ".join(r.stdout.split())
     assert r.returncode == 0
-    for flat, path in flat_names().items():  # every field, under its section.field name and its flat alias
-        assert f"--{path}" in text and f"--{flat}" in text, path
+    for flat, path in flat_names().items():  # every field under its one flat name, in its section's group
+        assert f"--{flat}" in text and f"--{path}" not in text, path
+    for sec in ("model", "task", "rollout", "method", "optim", "lora", "log"):
+        assert f"{sec} options" in text, sec
     assert "(default: dppo-binary-tv)" in text and "§5.1" in text and "Table 1" in text
-    cfg = parse_config(["--method", "grpo", "--ratio_cap", "inf", "--no-tensorboard", "--optim.lr", "2e-5"])
+    cfg = parse_config(["--method", "grpo", "--ratio_cap", "inf", "--no-tensorboard", "--lr", "2e-5"])
     assert cfg.method.name == "grpo" and cfg.method.ratio_cap == float("inf") and cfg.log.tensorboard is False
     assert cfg.optim.lr == 2e-5 and cfg.method.delta_low is None  # None = the preset's value
+    with pytest.raises(ConfigError, match=r"--optim\.lr: the flag is --lr"):
+        parse_config(["--optim.lr", "2e-5"])
 
 
 def test_config_file_round_trip_and_overrides(tmp_path):
@@ -120,11 +124,12 @@ def test_config_file_round_trip_and_overrides(tmp_path):
 
 
 def test_method_spec_overrides_reach_the_run():
-    from dppo.run.validate import resolve_method
+    from dppo.run.validate import fix_length_norm, resolve_method, validate
 
     m = resolve_method(make_config(method="cispo@ratio_cap=3"))
+    assert validate(make_config(method="cispo@ratio_cap=3")) == m
     assert m.ratio_cap == 3.0 and m.name == "cispo@ratio_cap=3"
-    m = resolve_method(make_config(method="dppo-binary-tv", delta_low=0.2, delta_high=0.25), max_new_tokens=9)
+    m = fix_length_norm(resolve_method(make_config(method="dppo-binary-tv", delta_low=0.2, delta_high=0.25)), 9)
     assert (m.delta_low, m.delta_high, m.max_len_norm) == (0.2, 0.25, 9)
     with pytest.raises(ConfigError, match="unknown Method field"):
         resolve_method(make_config(method="cispo@ratio_capp=3"))
@@ -180,7 +185,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monk
     out = tmp_path / "nan"
     with pytest.raises(tr.NonFiniteError, match=r"step 3.*last good checkpoint \(step 2\)"):
         tr.train(tiny_cfg(out, cache_dir, steps=5), log=lambda m: None)
-    from dppo.run.checkpoint import latest_step
+    from dppo.checkpoint import latest_step
 
     assert latest_step(str(out)) == 2
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [0, 1, 2]

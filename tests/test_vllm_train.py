@@ -20,7 +20,7 @@ import time
 import pytest
 
 from dppo.run.config import ConfigError, make_config
-from dppo.run.metrics_log import read_metrics
+from dppo.rundir.metrics_log import read_metrics
 from metrics_check import assert_same_records, metric_lines
 
 if importlib.util.find_spec("vllm") is None:

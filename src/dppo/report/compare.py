@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dppo.report.summary import DEFAULT_METRICS, load_runs, write_report
-from dppo.run.machine import machine_info, machine_line
+from dppo.rundir.machine import machine_info, machine_line
 
 __all__ = ["parse_method_spec", "main", "RUNNER"]
 

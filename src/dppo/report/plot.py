@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from dppo.run.metrics_log import read_metrics
+from dppo.rundir import run_title
+from dppo.rundir.metrics_log import read_metrics
 
 __all__ = ["plot_run"]
 
@@ -33,14 +34,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title = run_dir
-    cfg_path = os.path.join(run_dir, "config.json")
-    if os.path.isfile(cfg_path):
-        from dppo.run.config import config_dict, load_config
-
-        c = config_dict(load_config(cfg_path))
-        model = os.path.basename(c["model.path"].rstrip("/")) or f"tiny {c['model.arch']}"
-        title = f"{c['method.name']} · {c['task.name']} · {model} · seed {c['seed']}"
+    title = run_title(run_dir)
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     for ax, (name, series) in zip(axes.flat, PANELS):
         drawn = False

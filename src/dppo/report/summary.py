@@ -230,7 +230,7 @@ def write_report(out: Path, runs: dict[str, dict[int, list[dict]]], *, title: st
                  wall_s: float | None = None, metrics=DEFAULT_METRICS, target: tuple[str, float] | None = None,
                  notes: str = "", smooth: int = 1, machine: str = "") -> dict:
     """``out/report.md`` + ``out/curves.png`` + ``out/summary.json``; returns the summary. ``machine``: where the
-    runs ran (:func:`dppo.run.machine.machine_line`); figures from different CPUs differ for the same seed."""
+    runs ran (:func:`dppo.rundir.machine.machine_line`); figures from different CPUs differ for the same seed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, target=target)

@@ -6,13 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dppo.run.config import ConfigError, TrainConfig, load_config
+from dppo.run.config import EXIT, ConfigError, TrainConfig, flat_names, load_config
 
 __all__ = ["train_main", "plot_main", "parse_config", "EXIT"]
-
-# Exit statuses of `dppo train` (README, "Checkpoints and resume").
-EXIT = {"ok": 0, "config": 2, "nonfinite": 3, "checkpoint_write": 4, "bad_reward": 5, "checkpoint_load": 6,
-        "process_lost": 7, "rollout_worker": 8, "rollout_engine": 8, "preempted": 75}
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
@@ -29,11 +25,17 @@ def parse_config(argv: list[str]) -> TrainConfig:
                 raise ConfigError("--config needs a path: dppo train --config RUN/config.json [--flag value ...]")
             base = load_config(argv[i + 1], base)
             del argv[i: i + 2]
+    dotted = {path: flat for flat, path in flat_names().items()}
+    for a in argv:  # the section.field spelling of an earlier version: say the one name there is
+        key = a[2:].partition("=")[0] if a.startswith("--") else ""
+        if key in dotted:
+            raise ConfigError(f"--{key}: the flag is --{dotted[key]} (every option has one flat name; the section "
+                              f"{key.split('.')[0]!r} is only its group in dppo train --help)")
     return tyro.cli(TrainConfig, args=argv, default=base, prog="dppo train", use_underscores=True)
 
 
 def train_main(argv: list[str]) -> int:
-    from dppo.run.checkpoint import CheckpointLoadError, CheckpointWriteError
+    from dppo.checkpoint import CheckpointLoadError, CheckpointWriteError
     from dppo.rollout import RolloutEngineError
     from dppo.run.distributed import ProcessLost
     from dppo.run.loop import NonFiniteError, Preempted, train

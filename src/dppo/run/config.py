@@ -2,9 +2,9 @@
 by tyro (``dppo train --help`` prints every field's docstring and default). Defaults taken from the paper
 (arXiv 2602.04879) cite it; anything else is ours.
 
-Flags: ``--section.field`` (``--optim.lr 1e-6``, ``--lora.rank 32``), and every flag of earlier versions as an alias
-(``--lr``, ``--lora_rank``, ``--method``, ``--rollout_dtype``, …): the alias is the field's *flat name*, which is
-also what :func:`make_config` and a flat config file take. ``None`` for a method override means "the preset's
+Flags: one per field, its *flat name* (``--lr 1e-6``, ``--lora_rank 32``, ``--rollout_dtype fp32``), which is also
+what :func:`make_config`, a flat config file and every error message use; ``--help`` groups them by section
+(model, task, rollout, method, optim, lora, log). ``None`` for a method override means "the preset's
 value". A run can start from a saved config: ``dppo train --config RUN/config.json`` (or a TOML / YAML file, nested
 sections or flat names), with any flag after it overriding the file.
 
@@ -28,8 +28,10 @@ __all__ = ["TrainConfig", "ModelConfig", "TaskConfig", "RolloutConfig", "MethodC
            "flat_names", "RESUME_MAY_CHANGE", "rollout_lag", "vllm_sleep_level"]
 
 
-def _a(*names: str):
-    return arg(aliases=tuple(f"--{n}" for n in names))
+def _a(name: str):
+    """The one flag of a field: its flat name (``--group_size``, not ``--rollout.group_size``); the section is the
+    group ``--help`` lists it under."""
+    return arg(name=name, prefix_name=False)
 
 
 @dataclass
@@ -224,7 +226,7 @@ class OptimConfig:
 @dataclass
 class LoraConfig:
     rank: Annotated[int, _a("lora_rank")] = 0
-    """LoRA rank r: train low-rank adapters B·A (scaled by alpha/r) on the --lora.target layers and freeze the model
+    """LoRA rank r: train low-rank adapters B·A (scaled by alpha/r) on the --lora_target layers and freeze the model
     (0 = full fine-tuning; the paper's LoRA run, §7 Table 1, uses r 32 with lr 1e-5). Needs pip install 'dppo[lora]'"""
     alpha: Annotated[float, _a("lora_alpha")] = 0.0
     """LoRA alpha: the adapter output is scaled by alpha/r (0 = 2·r, as the paper's LoRA run: r 32, alpha 64,
@@ -318,20 +320,26 @@ RESUME_MAY_CHANGE = {"steps", "eval.every", "rollout.batch_size", "rollout.threa
                      "model.cache_dir", "device", "optim.gradient_checkpointing", "dist_timeout", "dist_phase_timeout"}
 
 
+# Exit statuses of `dppo train` (docs/training.md, "Checkpoints and resume"); here, below the command line and the
+# torchrun watchdog that both exit with them.
+EXIT = {"ok": 0, "config": 2, "nonfinite": 3, "checkpoint_write": 4, "bad_reward": 5, "checkpoint_load": 6,
+        "process_lost": 7, "rollout_worker": 8, "rollout_engine": 8, "preempted": 75}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the option and says what to change."""
 
 
 def flat_names() -> dict[str, str]:
-    """``{flat name: "section.field"}`` for every field of every section (the flags' aliases)."""
+    """``{flat name: "section.field"}`` for every field of every section (its flag)."""
     out = {}
     for sec in SECTIONS:
         cls = typing.get_type_hints(TrainConfig)[sec]
         hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             for meta in getattr(hints[f.name], "__metadata__", ()):
-                for alias in getattr(meta, "aliases", None) or ():
-                    out[alias.lstrip("-")] = f"{sec}.{f.name}"
+                if getattr(meta, "name", None):
+                    out[meta.name] = f"{sec}.{f.name}"
     return out
 
 

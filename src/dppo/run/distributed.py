@@ -40,7 +40,7 @@ rather than fails (NCCL); a watchdog thread then reports the same message and ex
 ``--dist_timeout`` without progress, before NCCL's own watchdog (given 60 s more) would abort the process with no
 word of which phase it was in.
 
-Checkpoints are sharded (torch.distributed.checkpoint, :mod:`dppo.run.dist_checkpoint`) and resumable under another
+Checkpoints are sharded (torch.distributed.checkpoint, :mod:`dppo.checkpoint.sharded`) and resumable under another
 number of processes, one included; rank 0 alone writes metrics, configuration and the final model. A stop request (SIGTERM/SIGINT) is agreed by all processes at each poll, so they all write the same step.
 """
 
@@ -55,7 +55,7 @@ from contextlib import contextmanager
 import torch
 
 from dppo.metrics import MetricPool
-from dppo.run.config import ConfigError, TrainConfig
+from dppo.run.config import EXIT, ConfigError, TrainConfig
 
 __all__ = ["Local", "Distributed", "setup", "ProcessLost", "under_torchrun", "LONG_PHASES"]
 
@@ -180,17 +180,17 @@ class Local:
         pass
 
     def save(self, run_dir: str, **kw) -> str:
-        from dppo.run.checkpoint import save_checkpoint
+        from dppo.checkpoint import save_checkpoint
 
         return save_checkpoint(run_dir, **kw)
 
     def load(self, run_dir: str, **kw) -> dict | None:
-        from dppo.run.checkpoint import load_latest
+        from dppo.checkpoint import load_latest
 
         return load_latest(run_dir, **kw)
 
     def save_final(self, trainer, path: str) -> None:
-        from dppo.run.export import save_final
+        from dppo.checkpoint.export import save_final
 
         save_final(trainer.model, trainer.tok, path, base_model_path=trainer.model_path)
 
@@ -459,19 +459,19 @@ class Distributed(Local):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    # -- checkpoints and the final model (dppo.run.dist_checkpoint) -----------------------------------------------
+    # -- checkpoints and the final model (dppo.checkpoint.sharded) -----------------------------------------------
     def save(self, run_dir: str, **kw) -> str:
-        from dppo.run.dist_checkpoint import save_sharded
+        from dppo.checkpoint.sharded import save_sharded
 
         return save_sharded(self, run_dir, **kw)
 
     def load(self, run_dir: str, **kw) -> dict | None:
-        from dppo.run.dist_checkpoint import load_latest_sharded
+        from dppo.checkpoint.sharded import load_latest_sharded
 
         return load_latest_sharded(self, run_dir, **kw)
 
     def save_final(self, trainer, path: str) -> None:
-        from dppo.run.dist_checkpoint import save_final_sharded
+        from dppo.checkpoint.sharded import save_final_sharded
 
         save_final_sharded(self, trainer, path)
 
@@ -537,8 +537,6 @@ class _Watchdog:
 
 def _exit_lost(message: str) -> None:
     import sys
-
-    from dppo.run.cli import EXIT
 
     print(f"dppo train: {message}", file=sys.stderr, flush=True)
     os._exit(EXIT["process_lost"])

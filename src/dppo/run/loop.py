@@ -1,7 +1,7 @@
 """The run around the steps: start or resume, evaluate, checkpoint, log, stop cleanly, export.
 
 * **Resume.** Starting again on a run directory with a checkpoint resumes from the newest readable one (a corrupt
-  newest one falls back to the one before, :mod:`dppo.run.checkpoint`); ``metrics.jsonl`` is cut to that step.
+  newest one falls back to the one before, :mod:`dppo.checkpoint`); ``metrics.jsonl`` is cut to that step.
   Resumed runs reproduce the uninterrupted run's metrics (tested).
 * **Preemption.** SIGTERM or SIGINT (a scheduler's preemption notice, Ctrl-C) requests a stop: a step that has not
   made its first update yet is abandoned, one that has is finished; then a checkpoint is written, the logs are
@@ -17,23 +17,21 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
 import signal
 import sys
 
+from dppo.checkpoint import latest_step
 from dppo.rollout import RolloutEngineError
-from dppo.run.checkpoint import latest_step
 from dppo.run.config import (RESUME_MAY_CHANGE, ConfigError, TrainConfig, config_dict, load_config, rollout_lag,
                              save_config)
 from dppo.run.distributed import setup
-from dppo.run.validate import validate
 from dppo.run.evaluate import eval_summary
-from dppo.run.machine import record_machine
-from dppo.run.metrics_log import MetricsLog, read_metrics, summary_line
 from dppo.run.trainer import NonFiniteError, StepAbandoned, Trainer
+from dppo.run.validate import validate
+from dppo.rundir import write_method_json
+from dppo.rundir.machine import record_machine
+from dppo.rundir.metrics_log import MetricsLog, read_metrics, summary_line
 
 __all__ = ["train", "NonFiniteError", "Preempted"]
 
@@ -90,12 +88,6 @@ def _check_resume(cfg: TrainConfig) -> None:
                           "directory, or the same settings to resume it")
 
 
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
 class _NoLog:
     """Metrics of the processes other than rank 0: computed (they take part in the collectives), not written."""
 
@@ -112,19 +104,19 @@ def train(cfg: TrainConfig, log=None) -> list[dict]:
     if log is None:
         def log(msg):
             print(msg, file=sys.stderr, flush=True)
-    validate(cfg)
+    method = validate(cfg)
     with setup(cfg) as dist:  # [dist] torchrun's environment: a process group; otherwise one process
-        return _train(cfg, log if dist.is_main else (lambda msg: None), dist)
+        return _train(cfg, method, log if dist.is_main else (lambda msg: None), dist)
 
 
-def _train(cfg: TrainConfig, log, dist) -> list[dict]:
+def _train(cfg: TrainConfig, method, log, dist) -> list[dict]:
     resuming = latest_step(cfg.out) is not None
     if resuming:
         _check_resume(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     with _StopRequest() as signals:
         stop = dist.agreed(signals)  # [dist] any process's SIGTERM stops all of them at the same step
-        trainer = Trainer(cfg, log=log, should_stop=stop, dist=dist)
+        trainer = Trainer(cfg, log=log, should_stop=stop, dist=dist, method=method)
         start = 0
         if resuming:  # before anything is written: a checkpoint that cannot be loaded leaves the directory as it was
             state = dist.load(cfg.out, model=trainer.model, optimizer=trainer.optimizer,
@@ -136,8 +128,7 @@ def _train(cfg: TrainConfig, log, dist) -> list[dict]:
         mlog = _NoLog()
         if dist.is_main:
             save_config(cfg, os.path.join(cfg.out, "config.json"))
-            with open(os.path.join(cfg.out, "method.json"), "w") as f:
-                json.dump(trainer.method.to_dict(), f, indent=2)  # dppo.methods.method_from_dict reads it back
+            write_method_json(cfg.out, trainer.method.to_dict())  # dppo.methods.method_from_dict reads it back
             record_machine(cfg.out, start, log, **machine)
             mlog = MetricsLog(cfg.out, resume_step=start if resuming else None, tensorboard=cfg.log.tensorboard,
                               report_to=cfg.log.report_to, config=config_dict(cfg), log=log)

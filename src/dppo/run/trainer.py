@@ -37,13 +37,14 @@ from dppo.fused import policy_loss_from_hidden
 from dppo.hf.model import (can_share_prompts, decoder_and_head, enable_gradient_checkpointing, eos_token_ids,
                            load_skeleton, response_hidden_states, response_stats, training_mode)
 from dppo.loss import aggregation_denominator, policy_loss
+from dppo.methods import Method
 from dppo.metrics import MetricPool
 from dppo.rollout import Rollout, RolloutEngineError, SamplingParams, encode_prompts, prompt_seeds
 from dppo.run.batch import Batch
 from dppo.run.config import ConfigError, TrainConfig, rollout_lag, vllm_sleep_level
 from dppo.run.distributed import Local
 from dppo.run.staleness import WeightHistory
-from dppo.run.validate import resolve_method, validate
+from dppo.run.validate import fix_length_norm, validate
 from dppo.run.evaluate import decode_responses, evaluate
 from dppo.tasks import make_task
 from dppo.tasks.scoring import score
@@ -70,8 +71,8 @@ class Trainer:
     share of a torchrun job (:mod:`dppo.run.distributed`), consulted at the points marked [dist]; None = one
     process, where every hook is the identity."""
 
-    def __init__(self, cfg: TrainConfig, log=print, should_stop=lambda: False, dist=None):
-        validate(cfg)
+    def __init__(self, cfg: TrainConfig, log=print, should_stop=lambda: False, dist=None, method: Method | None = None):
+        method = method or validate(cfg)  # ``method``: validate(cfg)'s, when the caller has validated already
         self.cfg, self.log, self.should_stop = cfg, log, should_stop
         self.dist = dist or Local()
         if cfg.threads or not cfg.model.path:
@@ -92,7 +93,7 @@ class Trainer:
         self.model, self.tok = self.dist.load_policy(self.model_path, cfg.device)
         self.model.eval()  # no dropout: π must be the same function in the rollout and in the loss
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens_hint or 1024
-        self.method = resolve_method(cfg, self.max_new_tokens)
+        self.method = fix_length_norm(method, self.max_new_tokens)
         try:
             eos = eos_token_ids(self.model, self.tok, tc.eos_tokens)
         except ValueError as e:
@@ -435,7 +436,7 @@ class Trainer:
         return out
 
     def save(self, step: int) -> str:
-        # [dist] one process: state.pt (dppo.run.checkpoint); torchrun: sharded (dppo.run.dist_checkpoint)
+        # [dist] one process: state.pt (dppo.checkpoint); torchrun: sharded (dppo.checkpoint.sharded)
         self.dist.enter("checkpoint", step - 1)
         extra = {"model_path": self.model_path}
         if self.history is not None:  # the earlier policies later steps still sample with (--rollout_lag)

@@ -10,30 +10,34 @@ from dppo.methods import Method, method_from_spec
 from dppo.run.config import ConfigError, TrainConfig
 from dppo.tasks import TINY_MODEL_TASKS
 
-__all__ = ["validate", "resolve_method"]
+__all__ = ["validate", "resolve_method", "fix_length_norm"]
 
 
-def resolve_method(cfg: TrainConfig, max_new_tokens: int | None = None) -> Method:
+def resolve_method(cfg: TrainConfig) -> Method:
     """The one Method a run uses: the preset of ``--method`` (with its ``@key=value`` overrides: dotted paths into the
     parts or the flat names, :func:`dppo.methods.method_from_spec`), then the
-    ``--delta_low/--delta_high/--ratio_cap/--aggregation`` overrides (δ of a divergence mask, ε of a ratio mask). With ``max_new_tokens``, the Dr.GRPO length
-    normaliser L of ``seq-mean-token-sum-norm`` is fixed to the response cap (a constant, as in Dr.GRPO), so the
-    loss scale does not depend on how long the longest sample of a batch happened to be."""
+    ``--delta_low/--delta_high/--ratio_cap/--aggregation`` overrides (δ of a divergence mask, ε of a ratio mask)."""
     mc = cfg.method
     changes = {k: getattr(mc, k) for k in ("delta_low", "delta_high", "ratio_cap", "aggregation")
                if getattr(mc, k) is not None}
     try:
-        m = method_from_spec(mc.name, **changes)
-        if max_new_tokens and m.aggregation == "seq-mean-token-sum-norm" and m.max_len_norm is None:
-            m = dataclasses.replace(m, max_len_norm=max_new_tokens)
+        return method_from_spec(mc.name, **changes)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"--method {mc.name!r}: {e}") from None
-    return m
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for anything that would fail later. Touches no model and no data beyond checking
-    that named files exist."""
+def fix_length_norm(method: Method, max_new_tokens: int) -> Method:
+    """The Dr.GRPO length normaliser L of ``seq-mean-token-sum-norm`` fixed to the response cap (a constant, as in
+    Dr.GRPO), so the loss scale does not depend on how long the longest sample of a batch happened to be."""
+    if method.aggregation == "seq-mean-token-sum-norm" and method.max_len_norm is None:
+        return dataclasses.replace(method, max_len_norm=max_new_tokens)
+    return method
+
+
+def validate(cfg: TrainConfig) -> Method:
+    """Raise :class:`ConfigError` for anything that would fail later; returns the run's method
+    (:func:`resolve_method`), so that a caller validates and resolves once. Touches no model and no data beyond
+    checking that named files exist."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
@@ -111,7 +115,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("delta_low", "delta_high", "ratio_cap"):
         v = getattr(cfg.method, name)
         need(v is None or v > 0, f"--{name} {v}: must be > 0 (inf to switch off) or None to keep the preset's value")
-    resolve_method(cfg)
+    method = resolve_method(cfg)
     if mo.path:
         need(os.path.isdir(mo.path), f"--model {mo.path!r} is not a directory: pass a local directory holding a "
              "transformers causal LM (config.json + weights + tokenizer), or leave --model empty for the built-in "
@@ -139,3 +143,4 @@ def validate(cfg: TrainConfig) -> None:
         import torch
 
         need(torch.cuda.is_available(), f"--device {cfg.device}: no CUDA device is visible; use --device cpu")
+    return method

@@ -106,8 +106,16 @@ def warm_start(mc: ModelConfig, *, digits: int, eval_per_level: int, seed: int, 
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmup.json"), "w") as f:
         json.dump(dict(key=key, final_loss=loss_v, seconds=time.perf_counter() - t0), f, indent=2)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # atomic: a killed warm-up leaves no half-written cache entry
+    if os.path.isfile(os.path.join(path, "warmup.json")):  # another process finished the same warm-up first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    shutil.rmtree(path, ignore_errors=True)  # a torn entry (no warmup.json)
+    try:
+        os.replace(tmp, path)  # atomic: a killed warm-up leaves no half-written cache entry
+    except OSError:  # lost the race to a concurrent writer of the same key: theirs is the same model
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(path, "warmup.json")):
+            raise
     log(f"warm-up: {n} steps in {time.perf_counter() - t0:.1f}s, saved to {path}")
     return path
 

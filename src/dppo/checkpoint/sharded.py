@@ -1,5 +1,5 @@
 """Checkpoints of a run under torchrun: sharded with torch.distributed.checkpoint (DCP), with the guarantees of
-:mod:`dppo.run.checkpoint`.
+:mod:`dppo.checkpoint`.
 
 Layout: ``RUN/checkpoints/step-00000050/`` holds ``dcp/`` (model and AdamW state, each process writing its own
 shards: ``__<rank>_0.distcp`` and a ``.metadata`` index), ``state.pt`` (step, data position, scheduler, the RNG state
@@ -29,8 +29,9 @@ import warnings
 
 import torch
 
-from dppo.run.checkpoint import (CheckpointLoadError, UnsafeCheckpointError, _read, _root, _trained_state, commit,
-                                 list_checkpoints, prune, restore_rng, rng_state, write_error, write_state)
+from dppo.checkpoint.store import (CheckpointLoadError, UnsafeCheckpointError, checkpoints_root, commit,
+                                   list_checkpoints, prune, read_state, restore_rng, rng_state, trained_state,
+                                   write_error, write_state)
 
 __all__ = ["save_sharded", "load_latest_sharded", "load_dcp", "save_final_sharded"]
 
@@ -66,7 +67,7 @@ def save_sharded(dist, run_dir: str, *, step: int, model, optimizer, scheduler, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final = os.path.join(_root(run_dir), f"step-{step:08d}")
+    final = os.path.join(checkpoints_root(run_dir), f"step-{step:08d}")
     tmp = f"{final}.tmp-dist"  # the same on every process (a leftover of a killed run is removed first)
 
     def agree(err: Exception | None) -> None:
@@ -211,7 +212,7 @@ def _load_full(state: dict, model, optimizer) -> None:
 
 def load_latest_sharded(dist, run_dir: str, *, model, optimizer, scheduler, map_location="cpu",
                         log=print) -> dict | None:
-    """:func:`dppo.run.checkpoint.load_latest` for every process of a torchrun job at once: each checkpoint is
+    """:func:`dppo.checkpoint.load_latest` for every process of a torchrun job at once: each checkpoint is
     tried by all of them and used only if all could read it."""
     cks = list_checkpoints(run_dir)
     if not cks:
@@ -229,7 +230,7 @@ def load_latest_sharded(dist, run_dir: str, *, model, optimizer, scheduler, map_
         path = os.path.join(d, "state.pt")
         state, err = None, None
         try:
-            state = _read(path, "cpu", mmap=True)  # a one-process state.pt: every process reads all of it
+            state = read_state(path, "cpu", mmap=True)  # a one-process state.pt: every process reads all of it
         except UnsafeCheckpointError as e:
             err = ("unsafe", str(e))
         except CheckpointLoadError as e:
@@ -268,12 +269,12 @@ def load_latest_sharded(dist, run_dir: str, *, model, optimizer, scheduler, map_
 
 
 def save_final_sharded(dist, trainer, path: str) -> None:
-    """``RUN/final`` as one process writes it (:func:`dppo.run.export.save_final`): the trained weights are gathered
+    """``RUN/final`` as one process writes it (:func:`dppo.checkpoint.export.save_final`): the trained weights are gathered
     to rank 0, which loads them into a plain copy of the model (with the same LoRA adapters) and saves that."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dppo.hf.model import load_model
-    from dppo.run.export import save_final
+    from dppo.checkpoint.export import save_final
 
     dist.enter("final export (gather)")
     sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
@@ -286,8 +287,8 @@ def save_final_sharded(dist, trainer, path: str) -> None:
 
             plain = apply_lora(plain, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target=lc.target)
         missing, unexpected = plain.load_state_dict(sd, strict=False)
-        if unexpected or set(_trained_state(plain)) - set(sd):
+        if unexpected or set(trained_state(plain)) - set(sd):
             raise RuntimeError(f"the gathered weights do not match the model: unexpected {sorted(unexpected)[:5]}, "
-                               f"missing {sorted(set(_trained_state(plain)) - set(sd))[:5]}")
+                               f"missing {sorted(set(trained_state(plain)) - set(sd))[:5]}")
         save_final(plain, trainer.tok, path, base_model_path=trainer.model_path)
     dist.arrive("final export")  # rank 0 writes alone: --dist_phase_timeout
