@@ -11,13 +11,17 @@ import os
 __all__ = ["read_config_json", "write_method_json", "read_method_json", "run_title"]
 
 
-def read_config_json(run_dir: str) -> dict | None:
-    """``RUN/config.json`` as written by ``dppo train`` (nested sections), or None if the run has none."""
-    path = os.path.join(run_dir, "config.json")
+def _read_json(run_dir: str, name: str) -> dict | None:
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def read_config_json(run_dir: str) -> dict | None:
+    """``RUN/config.json`` as written by ``dppo train`` (nested sections), or None if the run has none."""
+    return _read_json(run_dir, "config.json")
 
 
 def write_method_json(run_dir: str, method: dict) -> None:
@@ -27,11 +31,8 @@ def write_method_json(run_dir: str, method: dict) -> None:
 
 
 def read_method_json(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, "method.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """``RUN/method.json`` (:meth:`dppo.methods.method_from_dict` rebuilds the Method), or None."""
+    return _read_json(run_dir, "method.json")
 
 
 def run_title(run_dir: str) -> str:
