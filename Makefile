@@ -20,12 +20,13 @@ demo:
 # triton: the fused loss's Triton kernels run on CPU under Triton's interpreter, which TRITON_INTERPRET=1 must select
 # before triton is first imported: hence their own pytest call (~10 s; in the first call they are skipped).
 # Two pytest workers (pytest-xdist), one test file each at a time (--dist loadfile: a file's module fixtures are built
-# once); tests/conftest.py puts the heaviest system files first.
+# once); tests/conftest.py puts the heaviest system files first, and --no-loadscope-reorder keeps that order
+# (xdist would otherwise start with the files that hold the most tests).
 TEST_WORKERS ?= 2
 test:
 	@bash scripts/bootstrap.sh test,train,lora,wandb,trl,vllm,triton
 	@bash scripts/verl_venv.sh
-	DPPO_REQUIRE_VLLM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	DPPO_REQUIRE_VLLM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 	TRITON_INTERPRET=1 DPPO_REQUIRE_TRITON=1 $(PY) -m pytest -q tests/test_triton_tiles.py
 	DPPO_REQUIRE_VERL=1 .venv-verl/bin/python -m pytest -q tests/integrations_verl
 

@@ -196,6 +196,49 @@ COLS = [("method", "method"), ("n", "seeds"), ("start", "start"), ("final", "fin
         ("ratio_max", "max ratio")]
 
 
+WHY = {"pc-8x8": "8 prompts × 8 (v2's batch: 4 mini-batches of 16)", "pc-lr3e-5": "lr 3e-5 (v2's)",
+       "pc-exact": "exact warm-up (warmup_noise 0, v2's)"}
+
+
+def why_rows(runs) -> list[dict]:
+    """The `why` table (descriptive, seeds 0–3): DPPO-Binary-TV with one v2 choice put back into the control, and
+    the control itself on the same seeds, paired by seed."""
+    seeds = sorted({sd for w in WHY for sd in runs.get((w, "dppo-binary-tv"), {})})
+    out = []
+    for setting, label in [("control", "the positive control (32 × 8, lr 1e-4, warm-up noise 0.2)"), *WHY.items()]:
+        v = lambda k: {sd: x for sd, x in values(runs, setting, "dppo-binary-tv", k).items() if sd in seeds}  # noqa
+        ss = [x for sd, x in sorted(runs.get((setting, "dppo-binary-tv"), {}).items()) if sd in seeds]
+        if not ss:
+            continue
+        ctrl = {sd: x for sd, x in values(runs, "control", "dppo-binary-tv").items() if sd in seeds}
+        out.append(dict(
+            setting=label, n=len(ss), start=fmt_ms([x["start"] for x in ss]), final=fmt_ms([x["final"] for x in ss]),
+            delta=fmt_ci(paired(v("final"), v("start"))),
+            heldout=fmt_ci(paired(v("eval_end.eval/accuracy"), v("eval_start.eval/accuracy"))),
+            greedy=fmt_ms([x["eval_end"].get("eval/greedy_accuracy") for x in ss]),
+            vs_control="—" if setting == "control" else fmt_ci(paired(v("final"), ctrl))))
+    return out
+
+
+def long_rows(runs) -> list[dict]:
+    """The `long` table (descriptive): the mismatch with ≥ 100-token responses, against the ~26-token miniature."""
+    out = []
+    for setting in ("long-control", "long-bf16", "long-fp8"):
+        for m in ("pg-is", "dppo-binary-tv"):
+            cell = runs.get((setting, m), {})
+            if not cell:
+                continue
+            ss = [cell[sd] for sd in sorted(cell)]
+            lens = [x for s_ in ss for x in s_["series"]["response_len"] if x is not None]
+            out.append(dict(setting=setting, method=m, n=len(ss), len=f"{sum(lens) / len(lens):.0f}" if lens else "—",
+                            mismatch=f"{sum(x['mismatch_mean'] for x in ss) / len(ss):.4f} / "
+                                     f"{max(x['mismatch_max'] for x in ss):.4f}",
+                            start=fmt_ms([x["start"] for x in ss]), final=fmt_ms([x["final"] for x in ss]),
+                            delta=fmt_ci(paired(values(runs, setting, m, "final"), values(runs, setting, m, "start"))),
+                            collapsed=f"{sum(x['collapsed'] for x in ss)}/{len(ss)}"))
+    return out
+
+
 def staleness_rows(runs) -> list[dict]:
     out = []
     for m in STALE:
@@ -286,7 +329,18 @@ def main(argv: list[str]) -> int:
            "\n## Staleness (bf16 engine; final reward mean ± SD (collapsed); lag k − lag 0, paired [95 % CI])\n",
            md_table(staleness_rows(runs), [("method", "method"), ("lag0", "lag 0"), ("lag1", "lag 1"),
                                            ("lag2", "lag 2"), ("lag4", "lag 4"), ("d1", "lag 1 − 0"),
-                                           ("d2", "lag 2 − 0"), ("d4", "lag 4 − 0")])]
+                                           ("d2", "lag 2 − 0"), ("d4", "lag 4 − 0")]),
+           "\n## Why the v2 miniature did not learn (DPPO-Binary-TV; one v2 choice at a time; descriptive)\n",
+           md_table(why_rows(runs), [("setting", "setting"), ("n", "seeds"), ("start", "start"), ("final", "final"),
+                                     ("delta", "Δ = final − start [95 % CI]"),
+                                     ("vs_control", "− control, same seed [95 % CI]"),
+                                     ("heldout", "held-out T=1 end − start [95 % CI]"),
+                                     ("greedy", "greedy held-out, end")]),
+           "\n## Long responses (12-digit addition written out; descriptive)\n",
+           md_table(long_rows(runs), [("setting", "setting"), ("method", "method"), ("n", "seeds"),
+                                      ("len", "mean response tokens"), ("mismatch", "mismatch mean / max"),
+                                      ("start", "start"), ("final", "final"), ("delta", "Δ [95 % CI]"),
+                                      ("collapsed", "collapsed")])]
     if not ns.no_figures:
         out.append("\n" + "\n".join(f"![]({'../../../' + p})" for p in figures(runs)) + "\n")
     dest = RESULTS / "report.md"
