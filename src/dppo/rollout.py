@@ -41,8 +41,8 @@ class SamplingParams:
 
     ``logit_noise`` σ > 0 adds N(0, σ²) noise to every logit the engine samples from (drawn from the rollout's
     generator) and records log μ of that noisy distribution: a stress knob that makes the engine a worse copy of
-    the trainer, scaling the training–inference mismatch far beyond bf16 rounding (not in the paper; docs/results.md
-    uses it). ``record_logp`` keeps μ's whole distribution ([N, T, V] fp32 log μ) for studies of the exact
+    the trainer, scaling the training–inference mismatch far beyond bf16 rounding (not in the paper, and not a
+    mismatch a real engine has: docs/results.md uses an FP8 engine and ``--rollout_lag`` instead). ``record_logp`` keeps μ's whole distribution ([N, T, V] fp32 log μ) for studies of the exact
     divergence: memory N·T·V·4 bytes, small vocabularies only."""
 
     max_new_tokens: int
