@@ -264,15 +264,16 @@ def figures(runs) -> list[str]:
     # the mismatch over training per method (the paper's Fig. 3), and the reward, in MAIN and in control
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     for col, setting in enumerate((MAIN, "control")):
-        for m in SEC51 + ["minimal-negative-mask", "dppo-binary-kl-recompute"]:
+        for i, m in enumerate(SEC51 + ["minimal-negative-mask", "dppo-binary-kl-recompute"]):
             cell = runs.get((setting, m), {})
+            style = dict(color=plt.cm.tab10(i % 10), ls="-" if i < 10 else "--")  # 12 methods: no colour reused alike
             if not cell:
                 continue
             for row, key in enumerate(("reward", "mismatch/abs_diff_mean")):
                 series = [s["series"][key] for s in cell.values()]
                 n = min(len(x) for x in series)
                 mean = [sum(x[i] for x in series) / len(series) for i in range(n)]
-                axes[row, col].plot(range(1, n + 1), mean, label=m, lw=1.2)
+                axes[row, col].plot(range(1, n + 1), mean, label=m, lw=1.2, **style)
         axes[0, col].set_title(f"{setting}: training reward (mean over seeds)")
         axes[1, col].set_title(f"{setting}: pre-update mean |π − μ| (mean over seeds)")
         axes[1, col].set_yscale("log")
